@@ -1,0 +1,1 @@
+"""Edit checkpoints according to a Plan: slice experts and routers, update configs."""

@@ -1,0 +1,121 @@
+"""In-memory expert surgery: make a loaded model match a Plan.
+
+For each planned MoE layer: merge groups and novices are prepared first (their modules, when a plan
+asks for them), then every parameter and buffer with one entry per expert is sliced to the kept
+experts, in the plan's order (renumbered 0..E'-1): fused expert tensors and their biases, router
+rows, router bias and `e_score_correction_bias`, 1 x E router statistics, block-level per-expert
+biases. Cached expert counts are updated on the experts module, router, block and the causal-LM
+head (gotchas G1, G2), and every expert-count key of the config (G3, G8). Layers may end with
+different counts (non-uniform plans); the config then records them in `moeprune_experts_per_layer`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from moeprune.adapters import MoELayer, find_moe_layers
+from moeprune.adapters.layout import EXPERT_COUNT_ATTRS
+from moeprune.plan import LayerPlan, Plan, PlanError
+
+logger = logging.getLogger(__name__)
+
+PER_LAYER_KEY = "moeprune_experts_per_layer"
+
+
+def _slice_tensor(t: torch.Tensor, index: torch.Tensor, num_experts: int, allow_dim1: bool) -> torch.Tensor | None:
+    if t.dim() >= 1 and t.shape[0] == num_experts:
+        return t.detach().index_select(0, index.to(t.device)).clone()
+    if allow_dim1 and t.dim() == 2 and t.shape[0] == 1 and t.shape[1] == num_experts:
+        return t.detach().index_select(1, index.to(t.device)).clone()
+    return None
+
+
+def slice_module(module: nn.Module, index: torch.Tensor, num_experts: int, allow_dim1: bool = False) -> None:
+    """Slice `module`'s own per-expert parameters/buffers and update its cached counts."""
+    new_count = int(index.numel())
+    for name, param in list(module.named_parameters(recurse=False)):
+        sliced = _slice_tensor(param, index, num_experts, allow_dim1)
+        if sliced is not None:
+            setattr(module, name, nn.Parameter(sliced, requires_grad=param.requires_grad))
+    for name, buf in list(module.named_buffers(recurse=False)):
+        sliced = _slice_tensor(buf, index, num_experts, allow_dim1)
+        if sliced is not None:
+            module._buffers[name] = sliced
+    for attr in EXPERT_COUNT_ATTRS:
+        if isinstance(getattr(module, attr, None), int) and getattr(module, attr) == num_experts:
+            setattr(module, attr, new_count)
+    if isinstance(module, nn.Linear) and module.out_features == num_experts:
+        module.out_features = new_count
+
+
+def slice_layer(layer: MoELayer, kept: list[int]) -> None:
+    """Keep experts `kept` (in that order) in one MoE layer."""
+    num_experts = layer.num_experts
+    index = torch.tensor(kept, dtype=torch.long)
+    slice_module(layer.experts, index, num_experts)
+    for sub in layer.router.modules():
+        slice_module(sub, index, num_experts, allow_dim1=True)
+    slice_module(layer.block, index, num_experts)
+
+
+def _prepare_layer(model: nn.Module, layer: MoELayer, lp: LayerPlan) -> None:
+    """Merge groups / install novices before slicing (strategies that need it provide the code)."""
+    if lp.groups and any(len(g) > 1 for g in lp.groups):
+        from moeprune.apply.merge import merge_groups
+
+        merge_groups(layer, lp)
+    if lp.novices:
+        from moeprune.apply.novice import install_novices
+
+        install_novices(model, layer, lp)
+
+
+def set_expert_count(model: nn.Module, counts: dict[int, int]) -> None:
+    """Write the expert count(s) into the config(s) and the causal-LM head's cache."""
+    values = set(counts.values())
+    count = max(values)
+    configs = [model.config]
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if text is not model.config:
+        configs.append(text)
+    for config in configs:
+        for key in EXPERT_COUNT_ATTRS:
+            if isinstance(getattr(config, key, None), int):
+                setattr(config, key, count)
+        if len(values) > 1:
+            setattr(config, PER_LAYER_KEY, {str(i): n for i, n in sorted(counts.items())})
+        elif hasattr(config, PER_LAYER_KEY):
+            delattr(config, PER_LAYER_KEY)
+        if getattr(config, "num_nextn_predict_layers", 0):
+            logger.warning("setting num_nextn_predict_layers=0: MTP layers are not loaded by transformers (G11)")
+            config.num_nextn_predict_layers = 0
+    for attr in ("num_experts", "num_local_experts"):  # the causal-LM head caches it for the aux loss
+        if isinstance(getattr(model, attr, None), int):
+            setattr(model, attr, count)
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Edit `model` in place to follow `plan`; returns the model."""
+    plan.validate()
+    layers = {layer.layer: layer for layer in find_moe_layers(model)}
+    missing = sorted(set(plan.layers) - set(layers))
+    if missing:
+        raise PlanError(f"plan names MoE layers {missing} that the model does not have (has {sorted(layers)})")
+    for index, lp in plan.layers.items():
+        if layers[index].num_experts != lp.num_experts:
+            raise PlanError(
+                f"layer {index}: plan was made for {lp.num_experts} experts but the model has "
+                f"{layers[index].num_experts}; was it already pruned?"
+            )
+        if layers[index].routing.top_k > lp.num_kept:
+            raise PlanError(f"layer {index}: top-k {layers[index].routing.top_k} > {lp.num_kept} kept experts")
+    for index, lp in sorted(plan.layers.items()):
+        layer = layers[index]
+        _prepare_layer(model, layer, lp)
+        slice_layer(layer, lp.kept)
+    counts = {index: layer.num_experts for index, layer in layers.items()}
+    set_expert_count(model, counts)
+    return model

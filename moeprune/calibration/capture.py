@@ -1,0 +1,91 @@
+"""A grouped, routed-tokens-only experts forward that exposes per-(token, slot) outputs.
+
+Fused experts modules have no per-expert submodule to hook, so the observer temporarily replaces an
+experts module's `forward` (on the instance, so nothing global changes) with `routed_forward`. It
+computes exactly what transformers' `grouped_mm` implementation computes — tokens sorted by
+expert, one grouped linear for gate/up and one for down, the module's own `_apply_gate` — and hands
+the un-gated outputs f and activations a of every routed (token, slot) pair to a sink before
+weighting and summing. Only routed tokens go through an expert.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+from transformers.integrations.moe import _grouped_linear
+
+
+class RoutedSink(Protocol):
+    def __call__(
+        self,
+        expert_ids: torch.Tensor,
+        token_ids: torch.Tensor,
+        gates: torch.Tensor,
+        activations: torch.Tensor,
+        outputs: torch.Tensor,
+        top_k_index: torch.Tensor,
+        hidden: torch.Tensor,
+    ) -> None: ...
+
+
+def run_experts(experts: nn.Module, inputs: torch.Tensor, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of `experts` for rows of `inputs`, row i going through expert `expert_ids[i]`.
+
+    `expert_ids` must be sorted ascending. Returns (activations a [S, I], outputs f [S, H]), f un-gated.
+    """
+    num_experts = experts.gate_up_proj.shape[0] if experts.has_gate else experts.up_proj.shape[0]
+    histc_input = expert_ids.float() if inputs.device.type in ("cpu", "mps") else expert_ids.int()
+    per_expert = torch.histc(histc_input, bins=num_experts, min=0, max=num_experts - 1)
+    offsets = torch.cumsum(per_expert, dim=0, dtype=torch.int32)
+    if experts.has_gate:
+        weight, bias_name = experts.gate_up_proj, "gate_up_proj_bias"
+    else:
+        weight, bias_name = experts.up_proj, "up_proj_bias"
+    bias = getattr(experts, bias_name)[expert_ids] if experts.has_bias else None
+    hidden = _grouped_linear(inputs, weight, offsets, bias=bias, is_transposed=experts.is_transposed)
+    act = experts._apply_gate(hidden) if experts.has_gate else experts.act_fn(hidden)
+    down_bias = experts.down_proj_bias[expert_ids] if experts.has_bias else None
+    out = _grouped_linear(act, experts.down_proj, offsets, bias=down_bias, is_transposed=experts.is_transposed)
+    if getattr(experts, "has_post_expert_norm", False):
+        out = experts.post_expert_norm(out)
+    return act, out
+
+
+def routed_forward(
+    experts: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    sink: RoutedSink | None = None,
+) -> torch.Tensor:
+    """Drop-in experts forward: same result as the grouped_mm implementation, plus a sink call."""
+    num_top_k = top_k_index.size(-1)
+    num_tokens, hidden_dim = hidden_states.shape
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    token_ids = perm // num_top_k
+    gates = top_k_weights.reshape(-1)[perm]
+    act, out = run_experts(experts, hidden_states[token_ids], expert_ids)
+    if sink is not None:
+        sink(expert_ids, token_ids, gates, act, out, top_k_index, hidden_states)
+    weighted = out * gates.unsqueeze(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.size(0), device=perm.device)
+    weighted = weighted[inverse]
+    return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+
+def patch_forward(experts: nn.Module, sink: RoutedSink | None) -> Callable[[], None]:
+    """Route `experts` through `routed_forward` with `sink`; returns a function that undoes it."""
+
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return routed_forward(experts, hidden_states, top_k_index, top_k_weights, sink)
+
+    experts.forward = forward  # instance attribute shadows the class forward
+
+    def undo() -> None:
+        if "forward" in experts.__dict__:
+            del experts.__dict__["forward"]
+
+    return undo

@@ -1,0 +1,178 @@
+"""One-pass calibration observer: hooks on every router and experts module.
+
+Router forward hooks read the logits the router returns (for N, sum p, the logit Gram matrix);
+experts modules run through `capture.routed_forward`, whose arguments are the model's own selected
+indices and final gates (sigmoid scoring, correction bias, group routing and scaling included), so
+nothing is re-derived. Padding is excluded through the flattened attention mask set per batch. All
+accumulation is in float64. Hooks return None, so the model's outputs are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moeprune.adapters import MoELayer, find_moe_layers
+from moeprune.calibration.capture import patch_forward, run_experts
+from moeprune.calibration.stats import ExpertStats, LayerStats
+
+logger = logging.getLogger(__name__)
+
+
+class Observer:
+    """Context manager collecting `ExpertStats` while the model runs.
+
+    `dense_tokens` > 0 also evaluates every expert on up to that many tokens per layer (the only
+    statistic that needs experts on tokens not routed to them: HC-SMoE's output vectors); its cost
+    is E x dense_tokens expert evaluations per layer.
+    """
+
+    def __init__(self, model: nn.Module, dense_tokens: int = 0) -> None:
+        self.model = model
+        self.layers: list[MoELayer] = find_moe_layers(model)
+        self.dense_tokens = int(dense_tokens)
+        self.mask: torch.Tensor | None = None
+        self.stats: dict[int, LayerStats] = {}
+        self._undo: list = []
+
+    def set_mask(self, attention_mask: torch.Tensor | None) -> None:
+        """Valid-token mask of the next forward ([batch, seq] or flattened)."""
+        self.mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
+
+    def _valid(self, n: int, device: torch.device) -> torch.Tensor:
+        if self.mask is None:
+            return torch.ones(n, dtype=torch.bool, device=device)
+        if self.mask.numel() != n:
+            raise RuntimeError(f"attention mask has {self.mask.numel()} tokens but the MoE layer saw {n}")
+        return self.mask.to(device)
+
+    def __enter__(self) -> "Observer":
+        for layer in self.layers:
+            layout = layer.layout
+            stats = LayerStats.zeros(layout.num_experts, layout.hidden_dim, layout.intermediate_dim)
+            if self.dense_tokens > 0:
+                stats.tensors["dense_out_sum"] = torch.zeros(layout.num_experts, layout.hidden_dim, dtype=torch.float64)
+                stats.tensors["dense_tokens"] = torch.zeros((), dtype=torch.float64)
+            self.stats[layer.layer] = stats
+            handle = layer.router.register_forward_hook(self._router_hook(layer, stats))
+            self._undo.append(handle.remove)
+            self._undo.append(patch_forward(layer.experts, self._experts_sink(layer, stats)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for undo in self._undo:
+            undo()
+        self._undo.clear()
+
+    def result(self, meta: dict | None = None) -> ExpertStats:
+        info = {
+            "model_type": getattr(self.model.config, "model_type", None),
+            "experts_per_layer": {str(layer.layer): layer.num_experts for layer in self.layers},
+            "top_k": self.layers[0].routing.top_k,
+            "routing": self.layers[0].routing.as_dict(),
+        }
+        info.update(meta or {})
+        return ExpertStats(self.stats, info)
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def _router_hook(self, layer: MoELayer, stats: LayerStats):
+        index = layer.routing.logits_index
+        sigmoid = layer.routing.scoring == "sigmoid"
+
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            logits = output[index] if isinstance(output, (tuple, list)) else output
+            logits = logits.detach().reshape(-1, logits.shape[-1])
+            valid = self._valid(logits.shape[0], logits.device)
+            l64 = logits[valid].double()
+            probs = l64.sigmoid() if sigmoid else l64.softmax(dim=-1)
+            t = stats.tensors
+            t["tokens"] += l64.shape[0]
+            t["prob_sum"] += probs.sum(0).cpu()
+            t["logit_sum"] += l64.sum(0).cpu()
+            t["logit_gram"] += (l64.T @ l64).cpu()
+            return None
+
+        return hook
+
+    def _experts_sink(self, layer: MoELayer, stats: LayerStats):
+        num_experts = layer.num_experts
+
+        def sink(expert_ids, token_ids, gates, act, out, top_k_index, hidden) -> None:
+            valid_tokens = self._valid(hidden.shape[0], hidden.device)
+            keep = valid_tokens[token_ids]
+            ids = expert_ids[keep].cpu()
+            g = gates[keep].detach().double().cpu()
+            f = out[keep].detach().double().cpu()
+            a = act[keep].detach().double().cpu()
+            norms = f.norm(dim=1)
+            t = stats.tensors
+            t["count"] += torch.bincount(ids, minlength=num_experts).double()
+            t["gate_sum"].index_add_(0, ids, g)
+            t["ean_sum"].index_add_(0, ids, norms)
+            t["reap_sum"].index_add_(0, ids, g * norms)
+            t["max_out"].scatter_reduce_(0, ids, f.abs().amax(dim=1), reduce="amax")
+            t["max_act"].scatter_reduce_(0, ids, a.abs().amax(dim=1), reduce="amax")
+            t["out_sum"].index_add_(0, ids, f)
+            t["out_sq"].index_add_(0, ids, f * f)
+            t["act_gsq_sum"].index_add_(0, ids, (g.unsqueeze(1) * a) ** 2)
+            selected = torch.zeros(hidden.shape[0], num_experts, dtype=torch.float64)
+            selected.scatter_(1, top_k_index.cpu(), 1.0)
+            selected = selected[valid_tokens.cpu()]
+            t["coselect"] += selected.T @ selected
+            if self.dense_tokens > 0:
+                self._dense_sample(layer, stats, hidden[valid_tokens])
+
+        return sink
+
+    def _dense_sample(self, layer: MoELayer, stats: LayerStats, hidden: torch.Tensor) -> None:
+        remaining = self.dense_tokens - int(stats.tensors["dense_tokens"].item())
+        if remaining <= 0 or hidden.shape[0] == 0:
+            return
+        sample = hidden[:remaining].detach()
+        n, e = sample.shape[0], layer.num_experts
+        ids = torch.arange(e, device=sample.device).repeat_interleave(n)
+        _, out = run_experts(layer.experts, sample.repeat(e, 1), ids)
+        stats.tensors["dense_out_sum"] += out.double().view(e, n, -1).sum(1).cpu()
+        stats.tensors["dense_tokens"] += n
+
+
+def calibrate(
+    model: nn.Module,
+    data: torch.Tensor | Iterable[dict[str, torch.Tensor]],
+    batch_size: int = 8,
+    dense_tokens: int = 0,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> ExpertStats:
+    """Run `data` through `model` once and return the statistics of every MoE layer.
+
+    `data` is a LongTensor of token ids [n, seq_len] (no padding) or an iterable of batches with
+    `input_ids` and optional `attention_mask`.
+    """
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2:
+            raise ValueError(f"calibration ids must be [samples, seq_len], got shape {tuple(data.shape)}")
+        batches = [{"input_ids": data[i : i + batch_size]} for i in range(0, data.shape[0], batch_size)]
+        sequences, seq_len = data.shape
+    else:
+        batches = list(data)
+        sequences = sum(b["input_ids"].shape[0] for b in batches)
+        seq_len = max(b["input_ids"].shape[1] for b in batches) if batches else 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    observer = Observer(model, dense_tokens=dense_tokens)
+    with observer, torch.no_grad():
+        for batch in tqdm(batches, desc="calibrating", disable=not progress, unit="batch"):
+            ids = batch["input_ids"].to(device)
+            mask = batch.get("attention_mask")
+            observer.set_mask(mask)
+            model(input_ids=ids, attention_mask=None if mask is None else mask.to(device), use_cache=False)
+    model.train(was_training)
+    info = {"sequences": int(sequences), "seq_len": int(seq_len), "dense_tokens": int(dense_tokens)}
+    info.update(meta or {})
+    return observer.result(info)

@@ -1,0 +1,152 @@
+"""Save pruned models atomically and load them back, stock or non-uniform.
+
+`save_pruned` writes into a temporary sibling directory and renames it into place only when every
+file is written, so an interrupted run leaves nothing that looks like a finished checkpoint; it
+refuses to write into (or inside) the input checkpoint. Uniform plans are saved in the original hub
+layout and reload with plain `AutoModelForCausalLM.from_pretrained`. Non-uniform plans (different
+expert counts per layer, which stock classes cannot express) are saved in the in-memory layout with
+the config key `moeprune_experts_per_layer` and the global count set to the largest layer; stock
+`from_pretrained` then fails loudly on the size mismatch, and `load_pruned` rebuilds them exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from moeprune.adapters.layout import EXPERT_COUNT_ATTRS
+
+logger = logging.getLogger(__name__)
+
+PLAN_FILE = "moeprune_plan.json"
+RECIPE_FILE = "moeprune_recipe.yaml"
+PER_LAYER_KEY = "moeprune_experts_per_layer"
+
+
+class OutputPathError(ValueError):
+    """The output directory is unusable (equal to / inside the input, or not empty)."""
+
+
+def check_output_dir(output_dir: str | Path, input_dir: str | Path | None, overwrite: bool = False) -> Path:
+    out = Path(output_dir).expanduser().resolve()
+    if input_dir:
+        src = Path(input_dir).expanduser()
+        if src.exists():
+            src = src.resolve()
+            if out == src or src in out.parents:
+                raise OutputPathError(f"output {out} is the input checkpoint or inside it; choose another directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputPathError(f"output {out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    return out
+
+
+def _patch_config_json(path: Path, model: nn.Module) -> None:
+    """Write every expert-count key the config knows (G8: Qwen3-MoE serialises only one)."""
+    data = json.loads(path.read_text())
+    config = model.config
+    for key in EXPERT_COUNT_ATTRS:
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            data[key] = value
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def save_pruned(
+    model: nn.Module,
+    output_dir: str | Path,
+    plan: Any = None,
+    tokenizer: Any = None,
+    recipe: dict | None = None,
+    input_dir: str | Path | None = None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> Path:
+    """Atomically write `model` (+ tokenizer, plan, recipe) as a Hugging Face checkpoint."""
+    input_dir = input_dir or getattr(model, "name_or_path", None) or None
+    out = check_output_dir(output_dir, input_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    non_uniform = hasattr(model.config, PER_LAYER_KEY)
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=not non_uniform)
+        _patch_config_json(tmp / "config.json", model)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if plan is not None:
+            plan.save(tmp / PLAN_FILE)
+        if recipe is not None:
+            (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %s", out)
+    return out
+
+
+def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32, **kwargs: Any) -> nn.Module:
+    """Load a moeprune output (or any local checkpoint): stock path for uniform checkpoints,
+    exact rebuild for non-uniform ones; extensions (e.g. novices) are restored by their modules."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, PER_LAYER_KEY, None):
+        model = _load_non_uniform(path, config, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    _restore_extensions(model, path)
+    return model.eval()
+
+
+def _restore_extensions(model: nn.Module, path: Path) -> None:
+    if getattr(model.config, "moeprune_novices", None):
+        from moeprune.apply.novice import restore_novices
+
+        restore_novices(model, path)
+
+
+def _load_non_uniform(path: Path, config: Any, dtype: torch.dtype) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from moeprune.adapters import find_moe_layers
+    from moeprune.apply.surgery import slice_layer
+    from moeprune.io.safetensors_io import read_checkpoint_tensors
+
+    counts = {int(k): int(v) for k, v in getattr(config, PER_LAYER_KEY).items()}
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for layer in find_moe_layers(model):
+        n = counts.get(layer.layer, layer.num_experts)
+        if n != layer.num_experts:
+            slice_layer(layer, list(range(n)))
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in read_checkpoint_tensors(path).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    for name, buf in model.named_buffers():
+        if buf.device.type == "meta":
+            raise ValueError(f"{path}: buffer {name} was not restored")
+    return model

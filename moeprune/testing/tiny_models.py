@@ -1,0 +1,143 @@
+"""Tiny random-weight MoE models of every required transformers family, built from config classes.
+
+Tests, benchmarks and the offline demo need real architectures without the Hugging Face hub: each
+builder returns a 2-3 layer model with hidden size 32-64 and 8+ routed experts, seeded so that two
+calls give the same weights. Router weights are scaled up so routing is decisive (random tiny
+routers are otherwise nearly uniform, and ties make tests fragile).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV3Config,
+    Glm4MoeConfig,
+    GptOssConfig,
+    MixtralConfig,
+    OlmoeConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def _mixtral() -> PretrainedConfig:
+    return MixtralConfig(**_COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)
+
+
+def _qwen2_moe() -> PretrainedConfig:
+    return Qwen2MoeConfig(
+        **_COMMON, intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=48,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
+    )
+
+
+def _qwen3_moe() -> PretrainedConfig:
+    return Qwen3MoeConfig(
+        **_COMMON, head_dim=8, intermediate_size=64, moe_intermediate_size=24, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+    )
+
+
+def _olmoe() -> PretrainedConfig:
+    return OlmoeConfig(**_COMMON, intermediate_size=24, num_experts=8, num_experts_per_tok=2)
+
+
+def _deepseek_v2() -> PretrainedConfig:
+    cfg = dict(_COMMON, num_hidden_layers=3, num_key_value_heads=4)
+    return DeepseekV2Config(
+        **cfg, intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1,
+        topk_method="greedy", routed_scaling_factor=1.0,
+    )
+
+
+def _deepseek_v3() -> PretrainedConfig:
+    cfg = dict(_COMMON, num_hidden_layers=3, num_key_value_heads=4)
+    return DeepseekV3Config(
+        **cfg, intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1,
+        norm_topk_prob=True, routed_scaling_factor=2.5,
+    )
+
+
+def _gpt_oss() -> PretrainedConfig:
+    return GptOssConfig(
+        **_COMMON, head_dim=8, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+    )
+
+
+def _glm4_moe() -> PretrainedConfig:
+    cfg = dict(_COMMON, num_hidden_layers=3)
+    return Glm4MoeConfig(
+        **cfg, head_dim=8, intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
+        norm_topk_prob=True, routed_scaling_factor=1.5,
+    )
+
+
+FAMILY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3_moe": _qwen3_moe,
+    "olmoe": _olmoe,
+    "deepseek_v2": _deepseek_v2,
+    "deepseek_v3": _deepseek_v3,
+    "gpt_oss": _gpt_oss,
+    "glm4_moe": _glm4_moe,
+}
+
+
+def tiny_config(family: str) -> PretrainedConfig:
+    """The tiny config of `family` (one of FAMILY_CONFIGS)."""
+    if family not in FAMILY_CONFIGS:
+        raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILY_CONFIGS)}")
+    return FAMILY_CONFIGS[family]()
+
+
+def tiny_model(family: str, seed: int = 0, router_scale: float = 8.0) -> torch.nn.Module:
+    """A seeded random causal LM of `family` in float32 and eval mode, with sharpened routers."""
+    config = tiny_config(family)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                std = router_scale * 0.02 if _is_router_weight(name) else 0.05
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+            elif name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+def _is_router_weight(name: str) -> bool:
+    return name.endswith(("mlp.gate.weight", "mlp.router.weight", "block_sparse_moe.gate.weight"))
+
+
+def random_batch(vocab_size: int, batch: int = 2, seq_len: int = 12, seed: int = 0) -> torch.Tensor:
+    """A reproducible batch of token ids."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
