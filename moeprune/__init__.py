@@ -4,3 +4,14 @@ calibrate -> plan -> apply -> save, on in-memory transformers models, plus a CLI
 """
 
 __version__ = "0.1.0"
+
+from moeprune.api import PruneResult, apply, calibrate, plan, prune, save  # noqa: E402
+from moeprune.calibration.stats import ExpertStats  # noqa: E402
+from moeprune.config import PruneRecipe, load_recipe  # noqa: E402
+from moeprune.io.checkpoint import load_pruned  # noqa: E402
+from moeprune.plan import Plan  # noqa: E402
+
+__all__ = [
+    "ExpertStats", "Plan", "PruneRecipe", "PruneResult", "apply", "calibrate", "load_pruned",
+    "load_recipe", "plan", "prune", "save", "__version__",
+]

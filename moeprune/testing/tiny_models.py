@@ -24,16 +24,16 @@ from transformers import (
 )
 
 _COMMON = dict(
-    vocab_size=128,
+    vocab_size=272,
     hidden_size=32,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=256,
     tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
+    bos_token_id=256,
+    eos_token_id=256,
+    pad_token_id=256,
 )
 
 
@@ -141,3 +141,16 @@ def random_batch(vocab_size: int, batch: int = 2, seq_len: int = 12, seed: int =
     """A reproducible batch of token ids."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
+
+
+def save_tiny_checkpoint(family: str, path, seed: int = 0, max_shard_size: str | int = "5GB"):
+    """Write a tiny random checkpoint of `family` with a byte-level tokenizer to `path`."""
+    from pathlib import Path
+
+    from moeprune.testing.tiny_tokenizer import byte_tokenizer
+
+    path = Path(path)
+    model = tiny_model(family, seed=seed)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    byte_tokenizer().save_pretrained(path)
+    return path

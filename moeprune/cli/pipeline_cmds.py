@@ -1,0 +1,138 @@
+"""`moeprune calibrate | plan | apply | prune`: the three phases, separately or together."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from moeprune.api import prune
+from moeprune.calibration.data import calibration_ids
+from moeprune.calibration.observer import calibrate
+from moeprune.calibration.stats import ExpertStats
+from moeprune.cli.errors import user_errors
+from moeprune.config import load_recipe
+from moeprune.io.checkpoint import save_pruned
+from moeprune.io.loading import BUNDLED, load_model
+from moeprune.plan import Plan
+from moeprune.strategies import available_strategies, get_strategy, plan
+from moeprune.apply.surgery import apply_plan
+
+
+def _calibration_options(fn):
+    options = [
+        click.option("--calibration", help="builtin:code | builtin:prose | builtin:mixed | FILE.txt/.jsonl | HF dataset name."),
+        click.option("--samples", type=int, help="Calibration sequences."),
+        click.option("--seq-len", type=int, help="Tokens per calibration sequence."),
+        click.option("--seed", type=int, help="Seed for sampling calibration documents."),
+        click.option("--batch-size", type=int, help="Sequences per forward pass."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _strategy_options(fn):
+    options = [
+        click.option("--strategy", type=click.Choice(available_strategies()), help="Planning strategy."),
+        click.option("--ratio", type=float, help="Share of experts removed, in [0, 1)."),
+        click.option("--budget", type=click.Choice(["layer", "global"]), help="Uniform per layer, or one global budget."),
+        click.option("--protect-super/--no-protect-super", default=None, help="Never drop super experts (default on for REAP)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.command()
+@click.argument("model", default=BUNDLED)
+@_calibration_options
+@click.option("--dense-tokens", type=int, default=0, help="Also evaluate every expert on this many tokens per layer (HC-SMoE).")
+@click.option("--output", "-o", required=True, type=click.Path(), help="Statistics file (.safetensors).")
+@user_errors
+def calibrate_command(model, calibration, samples, seq_len, seed, batch_size, dense_tokens, output) -> None:
+    """Collect routing and expert statistics in one pass."""
+    recipe = load_recipe(None, {"model": model, "calibration.source": calibration, "calibration.samples": samples,
+                                "calibration.seq_len": seq_len, "calibration.seed": seed, "calibration.batch_size": batch_size})
+    loaded, tokenizer, _ = load_model(recipe.model)
+    cal = recipe.calibration
+    ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed)
+    meta = {"model": recipe.model, "source": cal.source, "seed": cal.seed,
+            "num_hidden_layers": loaded.config.get_text_config().num_hidden_layers}
+    stats = calibrate(loaded, ids, batch_size=cal.batch_size, dense_tokens=dense_tokens, meta=meta)
+    stats.save(output)
+    click.echo(f"wrote {output} ({ids.numel()} tokens, {len(stats.layers)} MoE layers, hash {stats.digest()})")
+
+
+@click.command()
+@click.argument("stats_path", type=click.Path(exists=True, dir_okay=False))
+@_strategy_options
+@click.option("--model", "model_path", help="Checkpoint, for strategies that read expert weights.")
+@click.option("--output", "-o", required=True, type=click.Path(), help="Plan file (.json).")
+@user_errors
+def plan_command(stats_path, strategy, ratio, budget, protect_super, model_path, output) -> None:
+    """Decide which experts to keep, from saved statistics."""
+    stats = ExpertStats.load(stats_path)
+    strategy = strategy or "reap"
+    params = {"budget": budget or "layer"}
+    if protect_super is not None:
+        params["protect_super"] = protect_super
+    model = load_model(model_path)[0] if get_strategy(strategy).needs_weights else None
+    result = plan(stats, strategy, 0.5 if ratio is None else ratio, model=model, **params)
+    result.save(output)
+    click.echo(f"wrote {output}: experts per layer {result.experts_per_layer}")
+
+
+@click.command()
+@click.argument("model")
+@click.argument("plan_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(), help="Output checkpoint directory.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@user_errors
+def apply_command(model, plan_path, output, overwrite) -> None:
+    """Apply a plan to a checkpoint and write the pruned checkpoint."""
+    loaded, tokenizer, path = load_model(model)
+    result = Plan.load(plan_path)
+    apply_plan(loaded, result)
+    out = save_pruned(loaded, output, plan=result, tokenizer=tokenizer, input_dir=path, overwrite=overwrite)
+    click.echo(f"wrote {out}")
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML recipe (configs/).")
+@_strategy_options
+@_calibration_options
+@click.option("--output", "-o", type=click.Path(), help="Output checkpoint directory.")
+@click.option("--eval/--no-eval", "evaluate", default=None, help="Print dense vs pruned held-out perplexity.")
+@user_errors
+def prune_command(model, config_path, strategy, ratio, budget, protect_super, calibration, samples, seq_len, seed,
+                  batch_size, output, evaluate) -> None:
+    """Calibrate, plan, apply and save in one go."""
+    recipe = load_recipe(config_path, {
+        "model": model, "strategy": strategy, "ratio": ratio, "budget": budget, "protect_super": protect_super,
+        "calibration.source": calibration, "calibration.samples": samples, "calibration.seq_len": seq_len,
+        "calibration.seed": seed, "calibration.batch_size": batch_size, "output": output, "evaluate": evaluate,
+    })
+    if not recipe.output:
+        raise click.UsageError("--output is required (or `output:` in the recipe)")
+    dense_ppl = None
+    if recipe.evaluate:
+        from moeprune.cli.prune_eval import heldout_perplexities
+
+        loaded, tokenizer, _ = load_model(recipe.model)
+        dense_ppl = heldout_perplexities(loaded, tokenizer, recipe.eval_max_tokens)
+        result = prune(recipe, model=loaded, tokenizer=tokenizer)
+    else:
+        result = prune(recipe)
+    click.echo(f"strategy {recipe.strategy}, ratio {recipe.ratio}: experts per layer {result.plan.experts_per_layer}")
+    click.echo(f"wrote {result.output}")
+    if dense_ppl is not None:
+        from moeprune.cli.prune_eval import heldout_perplexities
+
+        pruned_ppl = heldout_perplexities(result.model, result.tokenizer, recipe.eval_max_tokens)
+        click.echo("held-out perplexity   dense     pruned")
+        for domain in dense_ppl:
+            click.echo(f"  {domain:<18} {dense_ppl[domain]:>8.2f}  {pruned_ppl[domain]:>9.2f}")
+        (Path(result.output) / "moeprune_eval.json").write_text(json.dumps({"dense": dense_ppl, "pruned": pruned_ppl}, indent=1))

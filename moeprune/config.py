@@ -1,0 +1,77 @@
+"""Validated recipes: the YAML files in configs/ and the `--config` option are parsed into these.
+
+Unknown keys, ratios outside [0, 1) and unknown strategies fail with pydantic's message naming
+the field. CLI options override recipe values they are given for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from moeprune.io.loading import BUNDLED
+
+
+class CalibrationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = "builtin:mixed"
+    samples: int = Field(64, ge=1)
+    seq_len: int = Field(256, ge=2)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    dense_tokens: int = Field(0, ge=0)
+
+
+class PruneRecipe(BaseModel):
+    """Everything `moeprune prune` needs."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = BUNDLED
+    strategy: str = "reap"
+    ratio: float = Field(0.5, ge=0.0, lt=1.0)
+    budget: Literal["layer", "global"] = "layer"
+    protect_super: bool | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    output: str | None = None
+    evaluate: bool = False
+    eval_max_tokens: int = Field(16384, ge=16)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from moeprune.strategies import available_strategies
+
+        if value not in available_strategies():
+            raise ValueError(f"unknown strategy {value!r}; available: {', '.join(available_strategies())}")
+        return value
+
+    def strategy_params(self) -> dict[str, Any]:
+        params = dict(self.params)
+        params.setdefault("budget", self.budget)
+        if self.protect_super is not None:
+            params["protect_super"] = self.protect_super
+        return params
+
+
+def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PruneRecipe:
+    """Read a YAML recipe (or defaults) and apply non-None overrides; dotted keys reach nested
+    fields, e.g. {"calibration.samples": 16}."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a recipe must be a YAML mapping")
+        data = loaded
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        target = data
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return PruneRecipe.model_validate(data)

@@ -1,0 +1,102 @@
+"""Temporarily remove experts from routing, without touching any weight.
+
+Masking an expert's router logit with -inf is the reference semantics of pruning it: the pruned
+model (expert and router row sliced out) must route and compute exactly like the original with that
+expert masked. This module is the ONE place that implements that mask, so the model card, tests and
+evaluation of strategies all measure the same thing.
+
+Supported routers return ``(router_logits [T, E], top_k_weights [T, k], top_k_index [T, k])`` and
+route with softmax → top-k → optional renormalisation (``norm_topk_prob``): Qwen2/3-MoE, OLMoE,
+Mixtral-style routers in transformers 5.x. A forward hook on each router recomputes the selection
+with the dropped experts' logits set to -inf and *returns* the new tuple, replacing the router output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def find_routers(model: nn.Module) -> dict[int, nn.Module]:
+    """Map decoder-layer index → router module (a module with ``top_k`` and a ``[E, H]`` weight)."""
+    routers: dict[int, nn.Module] = {}
+    for name, module in model.named_modules():
+        match = _LAYER_RE.search(name + ".")
+        weight = getattr(module, "weight", None)
+        if match is None or not hasattr(module, "top_k") or not isinstance(weight, torch.Tensor):
+            continue
+        n_experts = getattr(module, "num_experts", weight.shape[0])
+        if weight.ndim == 2 and weight.shape[0] == n_experts:
+            routers.setdefault(int(match.group(1)), module)
+    return routers
+
+
+def masked_routing(
+    logits: torch.Tensor, dropped: Sequence[int], top_k: int, norm_topk_prob: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax/top-k routing with ``dropped`` experts excluded; returns (logits, weights, index)."""
+    masked = logits.clone()
+    if len(dropped):
+        masked[:, list(dropped)] = float("-inf")
+    probs = torch.softmax(masked, dim=-1, dtype=torch.float)
+    weights, index = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return masked, weights.to(logits.dtype), index
+
+
+@contextlib.contextmanager
+def mask_experts(model: nn.Module, dropped: Mapping[int, Sequence[int]]) -> Iterator[nn.Module]:
+    """Context manager: route ``model`` as if experts ``dropped[layer]`` were pruned.
+
+    Args:
+        model: a transformers MoE causal LM (or its base model).
+        dropped: layer index → expert indices to exclude. Layers not listed are untouched.
+
+    Raises:
+        ValueError: a listed layer has no router, an index is out of range, or fewer than
+            ``top_k`` experts would remain.
+    """
+    routers = find_routers(model)
+    default_norm = bool(getattr(getattr(model, "config", None), "norm_topk_prob", True))
+    handles = []
+    try:
+        for layer, experts in dropped.items():
+            if layer not in routers:
+                raise ValueError(f"layer {layer} has no supported router (found {sorted(routers)})")
+            router = routers[layer]
+            n_experts = router.weight.shape[0]
+            experts = sorted(set(int(e) for e in experts))
+            if experts and (experts[0] < 0 or experts[-1] >= n_experts):
+                raise ValueError(f"layer {layer}: expert index out of range 0..{n_experts - 1}: {experts}")
+            if n_experts - len(experts) < router.top_k:
+                raise ValueError(
+                    f"layer {layer}: dropping {len(experts)} of {n_experts} experts leaves fewer than "
+                    f"top_k={router.top_k}; drop fewer experts"
+                )
+            if not experts:
+                continue
+            norm = bool(getattr(router, "norm_topk_prob", default_norm))
+            handles.append(router.register_forward_hook(_make_hook(experts, router.top_k, norm)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _make_hook(experts: list[int], top_k: int, norm: bool):
+    def hook(module: nn.Module, args: tuple, output: object) -> tuple[torch.Tensor, ...]:
+        if not (isinstance(output, tuple) and len(output) == 3):
+            raise TypeError(
+                f"{type(module).__name__} does not return (logits, weights, index); "
+                "mask_experts supports softmax top-k routers only"
+            )
+        return masked_routing(output[0], experts, top_k, norm)
+
+    return hook
