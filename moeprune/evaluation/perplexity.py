@@ -80,12 +80,14 @@ def nll_from_ids(
 
 
 @torch.no_grad()
-def perplexity_from_ids(model: nn.Module, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 8) -> float:
+def perplexity_from_ids(
+    model: nn.Module, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 8, progress: bool = True
+) -> float:
     """exp(mean next-token NLL) over non-overlapping windows of the 1-D token stream ``ids``."""
     was_training = model.training
     model.eval()
     try:
-        total, count = nll_from_ids(model, ids, seq_len, batch_size)
+        total, count = nll_from_ids(model, ids, seq_len, batch_size, progress)
     finally:
         model.train(was_training)
     if count == 0:
