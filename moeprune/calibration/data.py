@@ -3,8 +3,9 @@
 Sources are the spec strings shared with evaluation (`moeprune.evaluation.text_sources.load_texts`):
 `builtin:code`, `builtin:prose`, `builtin:mixed` (the offline stdlib corpora, train split), a local
 .txt/.jsonl file, or a Hugging Face dataset name. Documents are shuffled with the seed, joined with
-the eos token and cut into `samples` non-overlapping windows of `seq_len` tokens, so there is no
-padding and every token is a real calibration token.
+the eos token and cut into non-overlapping windows of `seq_len` tokens; `samples` windows are drawn
+with the seed from a pool of up to `POOL_FACTOR` times the tokens needed, so one long file cannot
+fill the whole calibration set. There is no padding: every token is a real calibration token.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import random
 import torch
 
 from moeprune.evaluation.perplexity import encode_texts
+
+POOL_FACTOR = 8
 
 
 def pack_documents(tokenizer, texts: list[str], samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -25,13 +28,15 @@ def pack_documents(tokenizer, texts: list[str], samples: int, seq_len: int, seed
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     needed = samples * seq_len
-    ids = encode_texts(tokenizer, [texts[i] for i in order], max_tokens=needed)
+    ids = encode_texts(tokenizer, [texts[i] for i in order], max_tokens=POOL_FACTOR * needed)
     if ids.numel() < needed:
         raise ValueError(
             f"calibration source has {ids.numel()} tokens, fewer than samples x seq_len = {needed}; "
             "lower --samples or --seq-len"
         )
-    return ids[:needed].view(samples, seq_len).clone()
+    windows = ids[: (ids.numel() // seq_len) * seq_len].view(-1, seq_len)
+    chosen = sorted(random.Random(seed + 1).sample(range(windows.shape[0]), samples))
+    return windows[chosen].clone()
 
 
 def calibration_ids(source: str, tokenizer, samples: int = 64, seq_len: int = 256, seed: int = 0) -> torch.Tensor:
