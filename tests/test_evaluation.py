@@ -207,7 +207,7 @@ def test_plots_write_png(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     import numpy as np
 
-    from moeprune.evaluation.plots import plot_perplexity_vs_compression, plot_routing_heatmaps
+    from moeprune.evaluation.plots import plot_perplexity_bars, plot_perplexity_vs_compression, plot_routing_heatmaps
 
     rows = [{"strategy": s, "compression": c, "perplexity": 20 * (1 + c) * k}
             for s, k in (("frequency", 1.0), ("random", 1.5)) for c in (0.25, 0.5)]
@@ -216,5 +216,7 @@ def test_plots_write_png(tmp_path) -> None:
     after = before.copy()
     after[:, :4] = np.nan
     p2 = plot_routing_heatmaps(before, after, tmp_path / "heat.png")
-    for p in (p1, p2):
+    p3 = plot_perplexity_bars([{"model": "a/dense", "data": "builtin:code", "perplexity": 19.4},
+                               {"model": "b/pruned", "data": "builtin:code", "perplexity": 39.6}], tmp_path / "bars.png")
+    for p in (p1, p2, p3):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,8 +8,6 @@ can be written as JSON, CSV and a PNG plot (perplexity per model and data source
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 import click
 import torch
 
@@ -52,28 +50,6 @@ def evaluate_models(
     return rows
 
 
-def _plot(rows: list[dict], path: str) -> None:
-    from moeprune.evaluation.plots import _pyplot
-
-    plt = _pyplot()
-    sources = sorted({r["data"] for r in rows})
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(models) * len(sources)), 4), dpi=120)
-    width = 0.8 / len(sources)
-    for j, src in enumerate(sources):
-        vals = [next((r["perplexity"] for r in rows if r["model"] == m and r["data"] == src), float("nan"))
-                for m in models]
-        ax.bar([i + j * width for i in range(len(models))], vals, width, label=src)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))])
-    ax.set_xticklabels([Path(m).name for m in models], rotation=20, ha="right")
-    ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 @click.command("eval")
 @click.argument("model")
 @click.option("--compare", "compare", multiple=True, help="Model(s) to compare with MODEL.")
@@ -96,4 +72,6 @@ def eval_command(model: str, compare: tuple[str, ...], data: tuple[str, ...], se
     if csv_path:
         write_csv(rows, csv_path)
     if plot_path:
-        _plot(rows, plot_path)
+        from moeprune.evaluation.plots import plot_perplexity_bars
+
+        plot_perplexity_bars(rows, plot_path)

@@ -2,6 +2,8 @@
 
 - :func:`plot_perplexity_vs_compression`: one line per strategy, perplexity against the share of
   experts removed, a dashed line for the dense model when given.
+- :func:`plot_perplexity_bars`: perplexity per evaluated model (bars) and data source (colours),
+  as produced by ``moeprune eval``.
 - :func:`plot_routing_heatmaps`: per-layer expert routing frequencies ``[layers, experts]`` before
   and after pruning side by side (dropped experts show as empty cells when ``after`` uses NaN).
 """
@@ -53,6 +55,29 @@ def plot_perplexity_vs_compression(
     ax.set_yscale("log")
     ax.set_title(title or f"{y} vs {x}")
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_perplexity_bars(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Grouped bars from rows with ``model``, ``data`` and ``perplexity`` keys (models in row order)."""
+    plt = _pyplot()
+    models = list(dict.fromkeys(str(r["model"]) for r in rows))
+    sources = list(dict.fromkeys(str(r["data"]) for r in rows))
+    value = {(str(r["model"]), str(r["data"])): float(r["perplexity"]) for r in rows}
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(models) * len(sources)), 4), dpi=120)
+    width = 0.8 / len(sources)
+    for j, src in enumerate(sources):
+        xs = [i + j * width for i in range(len(models))]
+        ax.bar(xs, [value.get((m, src), float("nan")) for m in models], width, label=src)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))])
+    ax.set_xticklabels([Path(m).name or m for m in models], rotation=20, ha="right")
+    ax.set_ylabel("perplexity")
+    ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(path)
