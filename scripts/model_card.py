@@ -136,6 +136,9 @@ def main() -> None:
         "",
         f"- Code perplexity: **{rows[0]['code ppl']:.2f}**; prose perplexity: **{rows[0]['prose ppl']:.2f}**.",
         "",
+        "Routing entropy and rarely used experts: train-calibration frequencies (see below); TV: total",
+        "variation between the routing frequencies on held-out code and on held-out prose.",
+        "",
         "| layer | routing entropy (bits, max 4.0) | experts used < 0.1% | TV(held-out code, prose) |",
         "|---|---|---|---|",
     ]
