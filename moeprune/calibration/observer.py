@@ -103,26 +103,33 @@ class Observer:
 
         def sink(expert_ids, token_ids, gates, act, out, top_k_index, hidden) -> None:
             valid_tokens = self._valid(hidden.shape[0], hidden.device)
-            keep = valid_tokens[token_ids]
-            ids = expert_ids[keep].cpu()
-            g = gates[keep].detach().double().cpu()
-            f = out[keep].detach().double().cpu()
-            a = act[keep].detach().double().cpu()
-            norms = f.norm(dim=1)
+            ids, g, f, a = expert_ids, gates.detach().float(), out.detach().float(), act.detach().float()
+            if not bool(valid_tokens.all()):
+                keep = valid_tokens[token_ids]
+                ids, g, f, a = ids[keep], g[keep], f[keep], a[keep]
+            # Rows are sorted by expert, so per-expert sums are segment reductions. Per-batch partial
+            # sums run in float32 (fast); accumulation across batches is float64.
+            lengths = torch.bincount(ids, minlength=num_experts)
+            norms = torch.linalg.vector_norm(f, dim=1)
+            ids_cpu = ids.cpu()
             t = stats.tensors
-            t["count"] += torch.bincount(ids, minlength=num_experts).double()
-            t["gate_sum"].index_add_(0, ids, g)
-            t["ean_sum"].index_add_(0, ids, norms)
-            t["reap_sum"].index_add_(0, ids, g * norms)
-            t["max_out"].scatter_reduce_(0, ids, f.abs().amax(dim=1), reduce="amax")
-            t["max_act"].scatter_reduce_(0, ids, a.abs().amax(dim=1), reduce="amax")
-            t["out_sum"].index_add_(0, ids, f)
-            t["out_sq"].index_add_(0, ids, f * f)
-            t["act_gsq_sum"].index_add_(0, ids, (g.unsqueeze(1) * a) ** 2)
-            selected = torch.zeros(hidden.shape[0], num_experts, dtype=torch.float64)
-            selected.scatter_(1, top_k_index.cpu(), 1.0)
-            selected = selected[valid_tokens.cpu()]
-            t["coselect"] += selected.T @ selected
+            t["count"] += lengths.double().cpu()
+            t["gate_sum"].index_add_(0, ids_cpu, g.double().cpu())
+            t["ean_sum"].index_add_(0, ids_cpu, norms.double().cpu())
+            t["reap_sum"].index_add_(0, ids_cpu, (g.double() * norms.double()).cpu())
+            f_max = torch.maximum(f.amax(dim=1), -f.amin(dim=1))
+            a_max = torch.maximum(a.amax(dim=1), -a.amin(dim=1))
+            seg = lambda x, how="sum": torch.segment_reduce(x, how, lengths=lengths, axis=0, initial=0).double().cpu()  # noqa: E731
+            torch.maximum(t["max_out"], seg(f_max, "max"), out=t["max_out"])
+            torch.maximum(t["max_act"], seg(a_max, "max"), out=t["max_act"])
+            t["out_sum"] += seg(f)
+            t["out_sq"] += seg(f * f)
+            ga = g.unsqueeze(1) * a
+            t["act_gsq_sum"] += seg(ga * ga)
+            selected = torch.zeros(hidden.shape[0], num_experts, dtype=torch.float32, device=hidden.device)
+            selected.scatter_(1, top_k_index, 1.0)
+            selected = selected[valid_tokens]
+            t["coselect"] += (selected.T @ selected).double().cpu()
             if self.dense_tokens > 0:
                 self._dense_sample(layer, stats, hidden[valid_tokens])
 
