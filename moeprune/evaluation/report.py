@@ -60,3 +60,13 @@ def write_csv(rows: Sequence[Row], path: str | Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=columns(rows))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def format_markdown(rows: Sequence[Row]) -> str:
+    """A GitHub-flavoured markdown table (for READMEs)."""
+    if not rows:
+        return "(no results)"
+    cols = columns(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in cols) + " |" for row in rows]
+    return "\n".join(lines)
