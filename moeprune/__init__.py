@@ -9,9 +9,10 @@ from moeprune.api import PruneResult, apply, calibrate, plan, prune, save  # noq
 from moeprune.calibration.stats import ExpertStats  # noqa: E402
 from moeprune.config import PruneRecipe, load_recipe  # noqa: E402
 from moeprune.io.checkpoint import load_pruned  # noqa: E402
+from moeprune.io.loading import load_model  # noqa: E402
 from moeprune.plan import Plan  # noqa: E402
 
 __all__ = [
     "ExpertStats", "Plan", "PruneRecipe", "PruneResult", "apply", "calibrate", "load_pruned",
-    "load_recipe", "plan", "prune", "save", "__version__",
+    "load_model", "load_recipe", "plan", "prune", "save", "__version__",
 ]
