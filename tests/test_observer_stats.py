@@ -151,3 +151,11 @@ def test_sigmoid_group_router_stats_use_models_own_selection():
     assert torch.allclose(stats.layers[layer.layer].gate_sum, gate)
     # group-limited: every token's experts come from topk_group=1 group of 4
     assert bool(((index // 4)[:, 0] == (index // 4)[:, 1]).all())
+
+
+def test_reference_gate_equals_model_gate_for_softmax_and_differs_for_sigmoid():
+    for family, same in (("qwen3_moe", True), ("deepseek_v3", False)):
+        model = tiny_model(family)
+        stats = calibrate(model, random_batch(model.config.vocab_size, batch=2, seq_len=12), progress=False)
+        layer = stats.layers[min(stats.layers)]
+        assert torch.allclose(layer.reap(), layer.reap_reference(), rtol=1e-5) == same, family

@@ -37,6 +37,7 @@ class Observer:
         self.dense_tokens = int(dense_tokens)
         self.mask: torch.Tensor | None = None
         self.stats: dict[int, LayerStats] = {}
+        self._logits: dict[int, torch.Tensor] = {}  # last router logits per layer, for reference gates
         self._undo: list = []
 
     def set_mask(self, attention_mask: torch.Tensor | None) -> None:
@@ -94,6 +95,7 @@ class Observer:
             t["prob_sum"] += probs.sum(0).cpu()
             t["logit_sum"] += l64.sum(0).cpu()
             t["logit_gram"] += (l64.T @ l64).cpu()
+            self._logits[layer.layer] = logits
             return None
 
         return hook
@@ -104,9 +106,10 @@ class Observer:
         def sink(expert_ids, token_ids, gates, act, out, top_k_index, hidden) -> None:
             valid_tokens = self._valid(hidden.shape[0], hidden.device)
             ids, g, f, a = expert_ids, gates.detach().float(), out.detach().float(), act.detach().float()
+            g_ref = self._reference_gates(layer, expert_ids, token_ids, top_k_index)
             if not bool(valid_tokens.all()):
                 keep = valid_tokens[token_ids]
-                ids, g, f, a = ids[keep], g[keep], f[keep], a[keep]
+                ids, g, f, a, g_ref = ids[keep], g[keep], f[keep], a[keep], g_ref[keep]
             # Rows are sorted by expert, so per-expert sums are segment reductions. Per-batch partial
             # sums run in float32 (fast); accumulation across batches is float64.
             lengths = torch.bincount(ids, minlength=num_experts)
@@ -117,6 +120,7 @@ class Observer:
             t["gate_sum"].index_add_(0, ids_cpu, g.double().cpu())
             t["ean_sum"].index_add_(0, ids_cpu, norms.double().cpu())
             t["reap_sum"].index_add_(0, ids_cpu, (g.double() * norms.double()).cpu())
+            t["reap_ref_sum"].index_add_(0, ids_cpu, (g_ref.double() * norms.double()).cpu())
             f_max = torch.maximum(f.amax(dim=1), -f.amin(dim=1))
             a_max = torch.maximum(a.amax(dim=1), -a.amin(dim=1))
             seg = lambda x, how="sum": torch.segment_reduce(x, how, lengths=lengths, axis=0, initial=0).double().cpu()  # noqa: E731
@@ -134,6 +138,19 @@ class Observer:
                 self._dense_sample(layer, stats, hidden[valid_tokens])
 
         return sink
+
+    def _reference_gates(self, layer: MoELayer, expert_ids, token_ids, top_k_index) -> torch.Tensor:
+        """The REAP reference's gate: softmax over all E logits, renormalised over the selected
+        experts iff norm_topk_prob. Equals the model's gate for softmax routers; for sigmoid routers
+        it is what the reference code computes (a deviation from the model's own weighting)."""
+        logits = self._logits.get(layer.layer)
+        if logits is None or logits.shape[0] != top_k_index.shape[0]:
+            return torch.zeros(expert_ids.shape[0], device=expert_ids.device)
+        probs = logits.float().softmax(dim=-1)
+        g = probs[token_ids, expert_ids]
+        if layer.routing.norm_topk_prob:
+            g = g / probs.gather(1, top_k_index).sum(1)[token_ids]
+        return g
 
     def _dense_sample(self, layer: MoELayer, stats: LayerStats, hidden: torch.Tensor) -> None:
         remaining = self.dense_tokens - int(stats.tensors["dense_tokens"].item())

@@ -10,6 +10,7 @@ Per MoE layer, float64 accumulators over valid (non-padding) calibration tokens:
 | prob_sum         | [E]    | sum of the full router probability p_j over all tokens         |
 | ean_sum          | [E]    | sum of ||f_j(x)||_2 over routed tokens (EAN)                   |
 | reap_sum         | [E]    | sum of g_j(x) * ||f_j(x)||_2 over routed tokens (REAP numerator) |
+| reap_ref_sum     | [E]    | the same with the REAP reference's softmax gate (differs for sigmoid routers) |
 | max_out          | [E]    | max ||f_j(x)||_inf over routed tokens (super experts)           |
 | max_act          | [E]    | max |a_j(x)| at the down-projection input                      |
 | coselect         | [E, E] | times i and j were selected together (diagonal = count)        |
@@ -56,6 +57,7 @@ class LayerStats:
                 "prob_sum": z(e),
                 "ean_sum": z(e),
                 "reap_sum": z(e),
+                "reap_ref_sum": z(e),
                 "max_out": z(e),
                 "max_act": z(e),
                 "coselect": z(e, e),
@@ -100,6 +102,11 @@ class LayerStats:
     def reap(self) -> torch.Tensor:
         """Mean over routed tokens of g * ||f||; 0 for experts never selected."""
         return torch.where(self.count > 0, self.reap_sum / self.count.clamp_min(1), torch.zeros_like(self.count))
+
+    def reap_reference(self) -> torch.Tensor:
+        """REAP with the reference code's gate (softmax over all logits) instead of the model's."""
+        ref = self.tensors.get("reap_ref_sum", torch.zeros_like(self.count))
+        return torch.where(self.count > 0, ref / self.count.clamp_min(1), torch.zeros_like(self.count))
 
     def ean(self) -> torch.Tensor:
         return self.ean_sum

@@ -87,5 +87,12 @@ def ean(stats: ExpertStats, ratio: float, budget: str = "layer", protect_super: 
 
 
 @register_strategy("reap", "drop the experts with the smallest router-weighted activation norm (REAP)")
-def reap(stats: ExpertStats, ratio: float, budget: str = "layer", protect_super: bool = True) -> Plan:
-    return score_plan(stats, "reap", LayerStats.reap, _normalise_per_total, ratio, budget, protect_super)
+def reap(stats: ExpertStats, ratio: float, budget: str = "layer", protect_super: bool = True, gate: str = "model") -> Plan:
+    """`gate="model"` weights norms by the model's own gate (default); `gate="reference"` by the
+    REAP reference code's softmax gate, which differs from the model for sigmoid routers."""
+    if gate not in ("model", "reference"):
+        raise PlanError(f"reap gate must be 'model' or 'reference', got {gate!r}")
+    score = LayerStats.reap if gate == "model" else LayerStats.reap_reference
+    result = score_plan(stats, "reap", score, _normalise_per_total, ratio, budget, protect_super)
+    result.params["gate"] = gate
+    return result
