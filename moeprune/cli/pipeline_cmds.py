@@ -106,9 +106,14 @@ def apply_command(model, plan_path, output, overwrite) -> None:
 @_calibration_options
 @click.option("--output", "-o", type=click.Path(), help="Output checkpoint directory.")
 @click.option("--eval/--no-eval", "evaluate", default=None, help="Print dense vs pruned held-out perplexity.")
+@click.option("--offload/--no-offload", default=None,
+              help="Stream the checkpoint layer by layer (default: automatic when it does not fit in memory).")
+@click.option("--resume", is_flag=True, help="With --offload: continue a killed run from its last finished layer.")
+@click.option("--memory-budget", default="4GB", show_default=True, help="With --offload: activations kept in memory.")
+@click.option("--work-dir", type=click.Path(), help="With --offload: resumable per-layer checkpoints (default next to --output).")
 @user_errors
 def prune_command(model, config_path, strategy, ratio, budget, protect_super, calibration, samples, seq_len, seed,
-                  batch_size, output, evaluate) -> None:
+                  batch_size, output, evaluate, offload, resume, memory_budget, work_dir) -> None:
     """Calibrate, plan, apply and save in one go."""
     recipe = load_recipe(config_path, {
         "model": model, "strategy": strategy, "ratio": ratio, "budget": budget, "protect_super": protect_super,
@@ -117,6 +122,20 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
     })
     if not recipe.output:
         raise click.UsageError("--output is required (or `output:` in the recipe)")
+    if offload is None and not recipe.evaluate:
+        from moeprune.io.loading import resolve_model_path
+        from moeprune.streaming.pipeline import should_offload
+
+        offload = should_offload(resolve_model_path(recipe.model))
+    if offload:
+        from moeprune.streaming.pipeline import prune_offloaded
+
+        if recipe.evaluate:
+            raise click.UsageError("--eval needs the model in memory; drop --offload")
+        result = prune_offloaded(recipe, work_dir=work_dir, resume=resume, memory_budget=memory_budget)
+        click.echo(f"strategy {recipe.strategy}, ratio {recipe.ratio}: experts per layer {result.plan.experts_per_layer}")
+        click.echo(f"wrote {result.output} (streamed)")
+        return
     dense_ppl = None
     if recipe.evaluate:
         from moeprune.cli.prune_eval import heldout_perplexities

@@ -41,6 +41,11 @@ def shard_map(path: str | Path) -> dict[str, Path]:
         return {name: single for name in handle.keys()}
 
 
+def open_shard(file: str | Path):
+    """`safe_open` a shard, raising `CorruptCheckpointError` for a corrupt or truncated file."""
+    return _open(Path(file))
+
+
 def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt")

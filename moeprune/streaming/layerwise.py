@@ -1,0 +1,273 @@
+"""Streamed calibration: statistics of a checkpoint larger than memory, one decoder layer at a time.
+
+The model is built on the meta device (`init_empty_weights` + `from_config`); only the input
+embeddings are loaded to run every calibration batch up to the first decoder layer. During that
+pass every decoder layer's `forward` is replaced by a recorder that keeps the arguments the model
+gives it (rotary position embeddings, position ids, the causal / sliding-window mask of its layer
+type) and passes the hidden states through, so nothing is re-derived by hand. Then each decoder
+layer is loaded from the shards (`lazy_reader.materialise`, the same key conversions as
+`from_pretrained`), the cached hidden states of every batch go through it with the `Observer`'s
+hooks attached (they were attached to the meta model once; they fire on the loaded layer), the
+layer is sent back to meta, and its outputs become the next layer's inputs.
+
+Hidden states live in an `ActivationStore`: in memory up to a budget, spilled to disk beyond it.
+With a work directory, each finished layer is committed (`resume.WorkDir`) so a killed run
+resumes from the next layer. Results equal `calibrate` on the loaded model: the same modules run
+the same batches in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moeprune.adapters import find_moe_layers
+from moeprune.calibration.observer import Observer
+from moeprune.calibration.stats import ExpertStats
+from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
+from moeprune.streaming.resume import WorkDir, load_activation, save_activation, tensor_digest
+from moeprune.streaming.writer import parse_size
+
+logger = logging.getLogger(__name__)
+
+
+class ActivationStore:
+    """Hidden states of every batch between two layers: in memory up to `budget` bytes, then on disk."""
+
+    def __init__(self, directory: Path, budget: int) -> None:
+        self.directory = Path(directory)
+        self.budget = budget
+        self.used = 0
+        self.items: dict[int, torch.Tensor | str] = {}
+        self.spilled = 0
+
+    def put(self, index: int, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.used + size <= self.budget:
+            self.items[index] = tensor
+            self.used += size
+        else:
+            name = f"batch_{index:05d}.safetensors"
+            save_activation(self.directory / name, tensor)
+            self.items[index] = name
+            self.spilled += 1
+
+    def get(self, index: int) -> torch.Tensor:
+        item = self.items[index]
+        return load_activation(self.directory / item) if isinstance(item, str) else item
+
+    def persist(self) -> None:
+        """Write the in-memory entries to the directory too (for a resumable commit)."""
+        for index, item in self.items.items():
+            if not isinstance(item, str):
+                save_activation(self.directory / f"batch_{index:05d}.safetensors", item)
+
+    @classmethod
+    def from_directory(cls, directory: Path, count: int, budget: int) -> "ActivationStore":
+        store = cls(directory, budget)
+        for index in range(count):
+            store.items[index] = f"batch_{index:05d}.safetensors"
+            if not (directory / store.items[index]).is_file():
+                raise FileNotFoundError(f"{directory}: activation of batch {index} is missing; rerun without --resume")
+        return store
+
+
+class _Captured(Exception):
+    """Raised by the last layer's recorder to stop a capture forward early."""
+
+
+def build_skeleton(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of checkpoint `path` with every parameter on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(module name, ModuleList) of the decoder layers holding the MoE blocks."""
+    block = find_moe_layers(model)[0].block_name
+    match = re.match(r"^(.*layers)\.\d+(\.|$)", block)
+    if not match:
+        raise ValueError(f"cannot find the decoder layer list above MoE block {block}")
+    layers = model.get_submodule(match.group(1))
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{match.group(1)} is not a ModuleList")
+    return match.group(1), layers
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def _as_batches(data: torch.Tensor | Iterable[dict[str, torch.Tensor]], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2:
+            raise ValueError(f"calibration ids must be [samples, seq_len], got shape {tuple(data.shape)}")
+        return [{"input_ids": data[i : i + batch_size]} for i in range(0, data.shape[0], batch_size)]
+    return list(data)
+
+
+def _capture_inputs(model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], device: torch.device):
+    """Layer-0 hidden states and every layer's other call arguments for one batch."""
+    calls: list[tuple[tuple, dict]] = []
+    first: list[torch.Tensor] = []
+
+    def recorder(index: int):
+        def forward(*args: Any, **kwargs: Any):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                first.append(hidden)
+            calls.append((tuple(args[1:]), kwargs))
+            if index == len(layers) - 1:
+                raise _Captured
+            return hidden
+
+        return forward
+
+    for index, layer in enumerate(layers):
+        layer.forward = recorder(index)
+    try:
+        mask = batch.get("attention_mask")
+        model(input_ids=batch["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device), use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+    if len(calls) != len(layers):
+        raise RuntimeError(f"captured {len(calls)} decoder layer calls, expected {len(layers)}")
+    return first[0], calls
+
+
+def _fingerprint(path: Path, batches: list[dict], batch_size: int, dense_tokens: int, dtype: torch.dtype, extra: dict) -> dict:
+    digest = "-".join(tensor_digest(torch.cat([b["input_ids"].flatten(), b.get("attention_mask", torch.empty(0)).flatten().long()])) for b in batches)
+    return {
+        "checkpoint": str(path.resolve()),
+        "shards": sorted({f"{f.name}:{f.stat().st_size}" for f in LazyCheckpoint(path).shards.values()}),
+        "data": tensor_digest(torch.tensor(bytearray(digest.encode()))),
+        "batches": len(batches),
+        "batch_size": batch_size,
+        "dense_tokens": dense_tokens,
+        "dtype": str(dtype),
+        **extra,
+    }
+
+
+def streamed_calibrate(
+    path: str | Path,
+    data: torch.Tensor | Iterable[dict[str, torch.Tensor]],
+    batch_size: int = 8,
+    dense_tokens: int = 0,
+    progress: bool = True,
+    meta: dict | None = None,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    memory_budget: str | int = "4GB",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    on_layer_done: Callable[[int], None] | None = None,
+    fingerprint_extra: dict | None = None,
+) -> ExpertStats:
+    """`calibrate` for checkpoint directory `path` without loading the whole model.
+
+    `memory_budget` bounds the hidden states kept in memory (the rest spill to disk); `work_dir`
+    makes the run resumable (`resume=True` continues a killed run); `on_layer_done(i)` is called
+    after decoder layer i is committed (a test hook).
+    """
+    path, device = Path(path), torch.device(device)
+    batches = _as_batches(data, batch_size)
+    model = build_skeleton(path, dtype)
+    ckpt = LazyCheckpoint(path)
+    keymap = KeyMap(model, ckpt.keys())
+    prefix, layers = decoder_layers(model)
+    budget = parse_size(memory_budget) // 2  # inputs and outputs of a layer share the budget
+    scratch = None if work_dir is not None else tempfile.TemporaryDirectory(prefix="moeprune-acts-")
+    work = None
+    if work_dir is not None:
+        fp = _fingerprint(path, batches, batch_size, dense_tokens, dtype, fingerprint_extra or {})
+        work = WorkDir(work_dir, fp, resume)
+    done = work.done() if work is not None else -1
+    observer = Observer(model, dense_tokens=dense_tokens)
+    started = time.perf_counter()
+    with observer, torch.no_grad():
+        if work is not None and done >= 0:
+            loaded = work.load_stats(done)
+            for index in observer.stats:
+                if index <= done:
+                    if index not in loaded:
+                        raise FileNotFoundError(f"{work.path}: statistics of finished layer {index} are missing")
+                    observer.stats[index] = loaded[index]
+            logger.info("resuming after decoder layer %d", done)
+        embed_name = _module_name(model, model.get_input_embeddings())
+        embed_names = materialise(model, keymap, ckpt, embed_name, dtype)
+        _to_device(model, embed_names, device)
+        first_dir = work.partial_acts_dir(-1) if work is not None else Path(scratch.name) / "in"
+        first_dir.mkdir(parents=True, exist_ok=True)
+        current = ActivationStore(first_dir, budget)
+        calls: list[list[tuple[tuple, dict]]] = []
+        for b, batch in enumerate(batches):
+            hidden, batch_calls = _capture_inputs(model, layers, batch, device)
+            calls.append(batch_calls)
+            if done < 0:
+                current.put(b, hidden)
+        release(model, embed_names)
+        if done >= 0:
+            current = ActivationStore.from_directory(work.acts_dir(done), len(batches), budget)
+        bar = tqdm(range(done + 1, len(layers)), desc="calibrating layers", unit="layer", disable=not progress)
+        for index in bar:
+            names = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
+            _to_device(model, names, device)
+            out_dir = work.partial_acts_dir(index) if work is not None else Path(scratch.name) / f"out{index % 2}"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for f in out_dir.glob("*.safetensors"):
+                f.unlink()
+            outputs = ActivationStore(out_dir, budget)
+            for b, batch in enumerate(batches):
+                args, kwargs = calls[b][index]
+                mask = batch.get("attention_mask")
+                observer.set_mask(mask)
+                out = layers[index](current.get(b), *args, **kwargs)
+                outputs.put(b, out[0] if isinstance(out, tuple) else out)
+            release(model, names)
+            if work is not None:
+                outputs.persist()
+                work.commit(index, observer.stats.get(index), out_dir)
+                outputs.directory = work.acts_dir(index)
+            current = outputs
+            if on_layer_done is not None:
+                on_layer_done(index)
+    if scratch is not None:
+        scratch.cleanup()
+    ckpt.close()
+    logger.info("streamed calibration of %d layers took %.1fs", len(layers) - done - 1, time.perf_counter() - started)
+    sequences = sum(b["input_ids"].shape[0] for b in batches)
+    seq_len = max((b["input_ids"].shape[1] for b in batches), default=0)
+    info = {"sequences": int(sequences), "seq_len": int(seq_len), "dense_tokens": int(dense_tokens)}
+    info.update(meta or {})
+    return observer.result(info)
+
+
+def _to_device(model: nn.Module, names: list[str], device: torch.device) -> None:
+    if device.type == "cpu":
+        return
+    from moeprune.streaming.lazy_reader import set_tensor
+
+    for name in names:
+        set_tensor(model, name, model.get_parameter(name).data.to(device) if _is_param(model, name) else model.get_buffer(name).to(device))
+
+
+def _is_param(model: nn.Module, name: str) -> bool:
+    module_name, _, leaf = name.rpartition(".")
+    return leaf in (model.get_submodule(module_name) if module_name else model)._parameters

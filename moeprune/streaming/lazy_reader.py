@@ -1,0 +1,226 @@
+"""Lazy, shard-at-a-time access to a safetensors checkpoint, and hub-key -> module-key mapping.
+
+`LazyCheckpoint` reads the index once and then single tensors (or row ranges of a tensor through
+`get_slice`), keeping at most one shard open, so memory stays bounded by one tensor, never the
+checkpoint. Every failure to open or read a shard raises `CorruptCheckpointError` naming the file.
+
+`KeyMap` applies transformers' own load-time conversions (`get_model_conversion_mapping`: renames
+such as Mixtral's `block_sparse_moe` -> `mlp`, and converters such as per-expert
+`experts.{j}.gate_proj.weight` -> fused `experts.gate_up_proj [E, 2I, H]`) to the checkpoint's key
+names only, against a meta-device model; `load_state` then loads and converts just the tensors of
+one module (a decoder layer, the embeddings) exactly as `from_pretrained` would.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from copy import deepcopy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from moeprune.io.safetensors_io import CorruptCheckpointError, open_shard, shard_map
+
+logger = logging.getLogger(__name__)
+
+
+class LazyCheckpoint:
+    """Tensor-by-tensor reader of a (sharded) safetensors checkpoint directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.shards: dict[str, Path] = shard_map(self.path)
+        self._file: Path | None = None
+        self._handle: Any = None
+        self.bytes_read = 0
+
+    # ---- handles ----------------------------------------------------------------------------
+    def _handle_for(self, name: str) -> Any:
+        if name not in self.shards:
+            raise KeyError(f"{self.path}: no tensor named {name}")
+        file = self.shards[name]
+        if file != self._file:
+            self.close()
+            self._handle = open_shard(file)
+            self._file = file
+        return self._handle
+
+    def close(self) -> None:
+        self._handle, self._file = None, None
+
+    def __enter__(self) -> "LazyCheckpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- metadata ---------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.shards)
+
+    def keys_by_shard(self, names: Iterable[str] | None = None) -> list[str]:
+        """`names` (default: all) ordered shard by shard, so each shard is opened once."""
+        names = self.keys() if names is None else list(names)
+        return sorted(names, key=lambda n: (str(self.shards[n]), n))
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._guard(name, lambda h: h.get_slice(name).get_shape()))
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self.shards.values()))
+
+    # ---- reads ------------------------------------------------------------------------------
+    def _guard(self, name: str, fn):
+        handle = self._handle_for(name)
+        try:
+            return fn(handle)
+        except Exception as err:
+            raise CorruptCheckpointError(f"{self.shards[name]}: cannot read tensor {name} ({err})") from err
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self._guard(name, lambda h: h.get_tensor(name))
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def get_rows(self, name: str, rows: list[int], dim: int = 0) -> torch.Tensor:
+        """Rows `rows` (in that order) of dimension `dim` (0 or 1), reading only those rows."""
+        runs: list[tuple[int, int]] = []
+        for r in rows:
+            if runs and runs[-1][1] == r:
+                runs[-1] = (runs[-1][0], r + 1)
+            else:
+                runs.append((r, r + 1))
+
+        def read(handle):
+            sl = handle.get_slice(name)
+            parts = [sl[a:b] if dim == 0 else sl[:, a:b] for a, b in runs]
+            return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0].clone()
+
+        tensor = self._guard(name, read)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+@dataclass(frozen=True)
+class KeyTarget:
+    """Where one checkpoint tensor goes in the module tree."""
+
+    disk_key: str
+    model_key: str
+    source_pattern: str | None  # the converter pattern that matched, None for a plain rename
+    expert_index: int | None  # j of a per-expert key `...experts.{j}...`, else None
+
+
+def _expert_regex(pattern: str) -> re.Pattern | None:
+    if "*" not in pattern:
+        return None
+    return re.compile(re.escape(pattern).replace(r"\*", r"(\d+)"))
+
+
+class KeyMap:
+    """Checkpoint key -> module key, using the model's registered load-time conversions."""
+
+    def __init__(self, model: nn.Module, disk_keys: Iterable[str]) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        self.model = model
+        conversions = get_model_conversion_mapping(model)
+        self.renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        self.converters = [c for c in conversions if isinstance(c, WeightConverter)]
+        self.pattern_to_converter = {p: c for c in self.converters for p in c.source_patterns}
+        meta = dict(model.state_dict())
+        prefix = getattr(model, "base_model_prefix", None)
+        self.targets: dict[str, KeyTarget] = {}
+        self.unexpected: list[str] = []
+        for key in disk_keys:
+            renamed, pattern = rename_source_key(key, self.renamings, self.converters, prefix, meta)
+            if renamed not in meta and key in meta:
+                renamed, pattern = key, None
+            if renamed not in meta:
+                self.unexpected.append(key)
+                continue
+            index = None
+            if pattern is not None and (rx := _expert_regex(pattern)) is not None:
+                match = rx.search(key)
+                index = int(match.group(1)) if match else None
+            self.targets[key] = KeyTarget(key, renamed, pattern, index)
+        if self.unexpected:
+            logger.info("%d checkpoint tensors match no module (e.g. %s)", len(self.unexpected), self.unexpected[:3])
+
+    def keys_under(self, prefix: str) -> list[str]:
+        """Checkpoint keys whose module key lies under module `prefix` ('' = all)."""
+        dot = prefix + "." if prefix else ""
+        return [k for k, t in self.targets.items() if t.model_key.startswith(dot)]
+
+    def load_state(
+        self, ckpt: LazyCheckpoint, disk_keys: Iterable[str], dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        """{module key: tensor} for `disk_keys`, converted as `from_pretrained` converts them."""
+        from transformers.core_model_loading import WeightRenaming, dot_natural_key
+
+        mappings: dict[str, Any] = {}
+        ordered = sorted(disk_keys, key=dot_natural_key)
+        tensors = {key: ckpt.get(key) for key in ckpt.keys_by_shard(ordered)}  # shard by shard
+        for key in ordered:  # collected in the loader's (natural) order
+            target = self.targets[key]
+            tensor = tensors.pop(key)
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            if target.source_pattern is not None:
+                mapping = mappings.setdefault(target.model_key, deepcopy(self.pattern_to_converter[target.source_pattern]))
+                mapping.add_tensor(target.model_key, key, target.source_pattern, tensor)
+            else:
+                mapping = mappings.setdefault(target.model_key, WeightRenaming(key, target.model_key))
+                mapping.add_tensor(target.model_key, key, key, tensor)
+        state: dict[str, torch.Tensor] = {}
+        for first, mapping in mappings.items():
+            for name, value in mapping.convert(first, model=self.model, config=self.model.config).items():
+                state[name] = value[0] if isinstance(value, list) else value
+        return state
+
+
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put `value` at parameter/buffer `name` of `model` (replacing a meta tensor)."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        old = module._parameters[leaf]
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = value
+    else:
+        raise KeyError(f"{name} is neither a parameter nor a buffer of the model")
+
+
+def release(model: nn.Module, names: Iterable[str]) -> None:
+    """Send tensors `names` back to the meta device, freeing their memory."""
+    for name in names:
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        store = module._parameters if leaf in module._parameters else module._buffers
+        old = store[leaf]
+        meta = torch.empty(old.shape, dtype=old.dtype, device="meta")
+        store[leaf] = nn.Parameter(meta, requires_grad=False) if isinstance(old, nn.Parameter) else meta
+
+
+def materialise(
+    model: nn.Module, keymap: KeyMap, ckpt: LazyCheckpoint, prefix: str, dtype: torch.dtype | None = None
+) -> list[str]:
+    """Load every checkpoint tensor of module `prefix` into `model`; returns the names loaded.
+
+    Raises `CorruptCheckpointError` when a parameter of that module has no tensor in the checkpoint.
+    """
+    state = keymap.load_state(ckpt, keymap.keys_under(prefix), dtype)
+    module = model.get_submodule(prefix) if prefix else model
+    dot = prefix + "." if prefix else ""
+    for name, value in state.items():
+        set_tensor(model, name, value)
+    missing = [f"{dot}{n}" for n, p in module.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise CorruptCheckpointError(f"{ckpt.path}: no tensors for {missing[:4]} in the checkpoint")
+    return list(state)

@@ -1,0 +1,245 @@
+"""Streamed surgery: write the pruned checkpoint shard by shard, never loading the model.
+
+Tensors are copied from the input shards to a size-bounded `ShardedWriter`, one decoder layer at
+a time. For a planned MoE layer two routes give the same bytes as the in-memory path
+(`load_model` + `apply_plan` + `save_pruned`):
+
+* selection route (uniform plans that only keep experts): per-expert keys
+  (`experts.{j}.gate_proj.weight`, ...) of kept experts are copied and renumbered 0..E'-1 in the
+  plan's order, dropped ones are never read; fused tensors with one row per expert (gpt-oss
+  `experts.gate_up_proj`, router `weight`/`bias`, `e_score_correction_bias`) are read with
+  `safe_open(...).get_slice`, kept rows only.
+* layer route (merges, DERN recombination, non-uniform plans, layouts the selection route does not recognise): the one
+  decoder layer is loaded into the meta skeleton with `from_pretrained`'s conversions, edited by
+  the in-memory surgery (`_prepare_layer`, `slice_layer`), and saved back with
+  `revert_weight_conversion` (uniform, hub layout) or in module layout (non-uniform, as
+  `save_pruned` does).
+
+The config gets the new counts through `surgery.set_expert_count` on the skeleton's config and
+`checkpoint._patch_config_json`; tokenizer and other small files are copied; `moeprune_plan.json`
+and a completion marker are written. Everything goes to a temporary sibling directory that is
+renamed into place only when complete; on any error (e.g. `CorruptCheckpointError` for a bad
+shard) it is removed, so nothing that looks complete is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from moeprune.adapters import MoELayer, find_moe_layers
+from moeprune.apply.surgery import _prepare_layer, set_expert_count, slice_layer
+from moeprune.io.checkpoint import PLAN_FILE, RECIPE_FILE, _patch_config_json, check_output_dir
+from moeprune.io.safetensors_io import INDEX_FILE
+from moeprune.plan import LayerPlan, Plan, PlanError
+from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, _expert_regex, release, set_tensor
+from moeprune.streaming.layerwise import build_skeleton, decoder_layers
+from moeprune.streaming.writer import ShardedWriter
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "moeprune_complete.json"
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".partial")
+_NOT_COPIED = {"config.json", INDEX_FILE, PLAN_FILE, RECIPE_FILE, COMPLETE_MARKER, "moeprune_eval.json"}
+
+
+def check_plan(layers: dict[int, MoELayer], plan: Plan) -> None:
+    """The checks `apply_plan` makes, against the skeleton's layers."""
+    plan.validate()
+    missing = sorted(set(plan.layers) - set(layers))
+    if missing:
+        raise PlanError(f"plan names MoE layers {missing} that the model does not have (has {sorted(layers)})")
+    for index, lp in plan.layers.items():
+        if layers[index].num_experts != lp.num_experts:
+            raise PlanError(f"layer {index}: plan was made for {lp.num_experts} experts but the checkpoint has {layers[index].num_experts}")
+        if layers[index].routing.top_k > lp.num_kept:
+            raise PlanError(f"layer {index}: top-k {layers[index].routing.top_k} > {lp.num_kept} kept experts")
+        if lp.novices:
+            raise NotImplementedError("plans with novice experts need the in-memory path (drop --offload)")
+
+
+def _per_expert_tensors(model: nn.Module, layer: MoELayer) -> dict[str, int]:
+    """{module key: dim} of every tensor `slice_layer` slices in `layer` (dim 0, or 1 for [1, E])."""
+    names = {id(m): n for n, m in model.named_modules()}
+    e = layer.num_experts
+    result: dict[str, int] = {}
+    modules = [(layer.experts, False), (layer.block, False)] + [(m, True) for m in layer.router.modules()]
+    for module, allow_dim1 in modules:
+        prefix = names[id(module)]
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if t.dim() >= 1 and t.shape[0] == e:
+                result[f"{prefix}.{name}"] = 0
+            elif allow_dim1 and t.dim() == 2 and t.shape[0] == 1 and t.shape[1] == e:
+                result[f"{prefix}.{name}"] = 1
+    return result
+
+
+class _Job:
+    def __init__(self, model: nn.Module, keymap: KeyMap, ckpt: LazyCheckpoint, writer: ShardedWriter, uniform: bool) -> None:
+        self.model, self.keymap, self.ckpt, self.writer, self.uniform = model, keymap, ckpt, writer, uniform
+        self.routes = {"selection": 0, "layer": 0}
+
+    def copy_unit(self, keys: list[str]) -> None:
+        """Tensors of a unit with no planned MoE layer: verbatim (hub layout) or as module keys."""
+        if self.uniform:
+            for key in self.ckpt.keys_by_shard(keys):
+                self.writer.add(key, self.ckpt.get(key))
+        else:
+            for name, tensor in self.keymap.load_state(self.ckpt, keys).items():
+                self.writer.add(name, tensor)
+
+    def selection(self, keys: list[str], layer: MoELayer, lp: LayerPlan) -> bool:
+        """Selection route; False (nothing written) when a per-expert tensor's layout is not recognised."""
+        sliceable = _per_expert_tensors(self.model, layer)
+        actions: list[tuple[str, str, Any]] = []  # (disk key, output key, rows or None)
+        new_index = {j: i for i, j in enumerate(lp.kept)}
+        meta = dict(self.model.state_dict())
+        for key in keys:
+            target = self.keymap.targets[key]
+            if target.model_key not in sliceable:
+                actions.append((key, key, None))
+            elif target.expert_index is not None:
+                if target.expert_index in new_index:
+                    match = _expert_regex(target.source_pattern).search(key)
+                    renamed = key[: match.start(1)] + str(new_index[target.expert_index]) + key[match.end(1) :]
+                    actions.append((key, renamed, None))
+            elif target.source_pattern is None and self.ckpt.shape(key) == list(meta[target.model_key].shape):
+                actions.append((key, key, (lp.kept, sliceable[target.model_key])))
+            else:
+                return False
+        for key, out_key, rows in sorted(actions, key=lambda a: (str(self.ckpt.shards[a[0]]), a[0])):
+            tensor = self.ckpt.get(key) if rows is None else self.ckpt.get_rows(key, rows[0], rows[1])
+            self.writer.add(out_key, tensor)
+        self.routes["selection"] += 1
+        return True
+
+    def layer(self, unit: str, keys: list[str], layer: MoELayer, lp: LayerPlan, params: dict) -> None:
+        """Layer route: load the unit, run the in-memory surgery on it, save it back."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = self.keymap.load_state(self.ckpt, keys)
+        for name, tensor in state.items():
+            set_tensor(self.model, name, tensor)
+        _prepare_layer(self.model, layer, lp, params)
+        slice_layer(layer, lp.kept)
+        module = self.model.get_submodule(unit)
+        edited = {f"{unit}.{n}": t for n, t in module.state_dict().items()}
+        meta = [n for n, t in edited.items() if t.device.type == "meta"]
+        if meta:
+            raise RuntimeError(f"{unit}: tensors {meta[:3]} were not loaded")
+        out = revert_weight_conversion(self.model, edited) if self.uniform else edited
+        for name, tensor in out.items():
+            self.writer.add(name, tensor)
+        release(self.model, list(edited))
+        self.routes["layer"] += 1
+
+
+def streamed_apply(
+    input_dir: str | Path,
+    plan: Plan,
+    output_dir: str | Path,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    recipe: dict | None = None,
+    progress: bool = True,
+    selection_route: bool = True,
+) -> Path:
+    """Write `input_dir` pruned by `plan` to `output_dir` without loading the model."""
+    input_dir = Path(input_dir)
+    out = check_output_dir(output_dir, input_dir, overwrite)
+    ckpt = LazyCheckpoint(input_dir)  # a missing shard fails here, before anything is written
+    model = build_skeleton(input_dir, dtype=_config_dtype(input_dir))
+    keymap = KeyMap(model, ckpt.keys())
+    if keymap.unexpected:
+        logger.warning("dropping %d checkpoint tensors the model does not load, e.g. %s", len(keymap.unexpected), keymap.unexpected[:3])
+    layers = {layer.layer: layer for layer in find_moe_layers(model)}
+    check_plan(layers, plan)
+    counts = {i: (len(plan.layers[i].kept) if i in plan.layers else layer.num_experts) for i, layer in layers.items()}
+    uniform = len(set(counts.values())) == 1
+    prefix, decoder = decoder_layers(model)
+    units = [f"{prefix}.{i}" for i in range(len(decoder))]
+    by_unit: dict[str, list[str]] = {u: keymap.keys_under(u) for u in units}
+    in_layers = {k for keys in by_unit.values() for k in keys}
+    rest = [k for k in keymap.targets if k not in in_layers]
+    moe_of_unit = {f"{prefix}.{i}": layer for i, layer in layers.items()}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    started = time.perf_counter()
+    try:
+        writer = ShardedWriter(tmp, max_shard_size)
+        job = _Job(model, keymap, ckpt, writer, uniform)
+        job.copy_unit(rest)
+        for unit in tqdm(units, desc="writing layers", unit="layer", disable=not progress):
+            layer = moe_of_unit.get(unit)
+            lp = plan.layers.get(layer.layer) if layer is not None else None
+            if lp is None:
+                job.copy_unit(by_unit[unit])
+                continue
+            simple = uniform and selection_route and not _edits_weights(lp, plan.params)
+            if not (simple and job.selection(by_unit[unit], layer, lp)):
+                job.layer(unit, by_unit[unit], layer, lp, plan.params)
+        weight_map = writer.close()
+        _write_metadata(tmp, input_dir, model, counts, plan, recipe)
+        marker = {"source": str(input_dir.resolve()), "tensors": len(weight_map), "bytes": writer.total_bytes,
+                  "routes": job.routes, "bytes_read": ckpt.bytes_read, "seconds": round(time.perf_counter() - started, 3)}
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        ckpt.close()
+    logger.info("wrote %s (%s)", out, job.routes)
+    return out
+
+
+def _edits_weights(lp: LayerPlan, params: dict) -> bool:
+    """Whether `surgery._prepare_layer` changes kept experts (merges, DERN recombination)."""
+    return any(len(g) > 1 for g in (lp.groups or [])) or params.get("dern_threshold") is not None
+
+
+def _config_dtype(path: Path) -> torch.dtype:
+    data = json.loads((path / "config.json").read_text())
+    name = data.get("dtype") or data.get("torch_dtype") or "float32"
+    return getattr(torch, name) if isinstance(getattr(torch, str(name), None), torch.dtype) else torch.float32
+
+
+def _write_metadata(tmp: Path, input_dir: Path, model: nn.Module, counts: dict[int, int], plan: Plan, recipe: dict | None) -> None:
+    set_expert_count(model, counts)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(tmp)
+    _patch_config_json(tmp / "config.json", model)
+    for file in sorted(input_dir.iterdir()):
+        if file.is_file() and file.name not in _NOT_COPIED and not file.name.endswith(_NOT_COPIED_SUFFIXES):
+            shutil.copy2(file, tmp / file.name)
+    plan.save(tmp / PLAN_FILE)
+    if recipe is not None:
+        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def is_complete(path: str | Path) -> bool:
+    """True when `path` is a finished streamed output (its completion marker exists)."""
+    return (Path(path) / COMPLETE_MARKER).is_file()
