@@ -61,16 +61,25 @@ def slice_layer(layer: MoELayer, kept: list[int]) -> None:
     slice_module(layer.block, index, num_experts)
 
 
-def _prepare_layer(model: nn.Module, layer: MoELayer, lp: LayerPlan) -> None:
-    """Merge groups / install novices before slicing (strategies that need it provide the code)."""
+def _prepare_layer(model: nn.Module, layer: MoELayer, lp: LayerPlan, params: dict | None = None) -> None:
+    """Merge groups / recombine neurons / install novices before slicing (strategies that need it
+    provide the code; their options come from the plan's params)."""
+    params = params or {}
     if lp.groups and any(len(g) > 1 for g in lp.groups):
         from moeprune.apply.merge import merge_groups
 
-        merge_groups(layer, lp)
-    if lp.novices:
-        from moeprune.apply.novice import install_novices
+        merge_groups(layer, lp, align=bool(params.get("merge_align", False)),
+                     router=params.get("merge_router", "representative"))
+    # --- DERN: merge dropped experts' neurons into retained ones (moeprune.strategies.dern) ---
+    if params.get("dern_threshold") is not None:
+        from moeprune.strategies.dern import recombine_neurons
 
-        install_novices(model, layer, lp)
+        recombine_neurons(layer, lp, float(params["dern_threshold"]))
+    # --- end DERN ---
+    if lp.novices:  # slices the experts itself; the router keeps all rows (moeprune.apply.novice)
+        from moeprune.apply.novice import install_novices, plan_vectors
+
+        install_novices(model, layer, lp, plan_vectors(params, lp.layer))
 
 
 def set_expert_count(model: nn.Module, counts: dict[int, int]) -> None:
@@ -114,8 +123,9 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             raise PlanError(f"layer {index}: top-k {layers[index].routing.top_k} > {lp.num_kept} kept experts")
     for index, lp in sorted(plan.layers.items()):
         layer = layers[index]
-        _prepare_layer(model, layer, lp)
-        slice_layer(layer, lp.kept)
+        _prepare_layer(model, layer, lp, plan.params)
+        if not lp.novices:
+            slice_layer(layer, lp.kept)
     counts = {index: layer.num_experts for index, layer in layers.items()}
     set_expert_count(model, counts)
     return model

@@ -79,6 +79,10 @@ def save_pruned(
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=not non_uniform)
         _patch_config_json(tmp / "config.json", model)
+        if getattr(model.config, "moeprune_novices", None):  # MoNE extension tensors
+            from moeprune.apply.novice import save_novices
+
+            save_novices(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if plan is not None:
@@ -111,6 +115,10 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32, **kwargs: 
     if getattr(config, PER_LAYER_KEY, None):
         model = _load_non_uniform(path, config, dtype)
     else:
+        if getattr(config, "moeprune_novices", None):
+            # novice layers keep E router rows for P experts: stock loading refuses them on purpose;
+            # the mismatched routers are replaced by `restore_novices` below
+            kwargs.setdefault("ignore_mismatched_sizes", True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     _restore_extensions(model, path)
     return model.eval()
