@@ -195,7 +195,8 @@ def calibrate(
             ids = batch["input_ids"].to(device)
             mask = batch.get("attention_mask")
             observer.set_mask(mask)
-            model(input_ids=ids, attention_mask=None if mask is None else mask.to(device), use_cache=False)
+            # logits_to_keep=1: statistics need no full-vocabulary logits
+            model(input_ids=ids, attention_mask=None if mask is None else mask.to(device), use_cache=False, logits_to_keep=1)
     model.train(was_training)
     info = {"sequences": int(sequences), "seq_len": int(seq_len), "dense_tokens": int(dense_tokens)}
     info.update(meta or {})
