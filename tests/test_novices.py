@@ -33,12 +33,6 @@ def safetensors_bytes(path) -> int:
     return total
 
 
-def router_row_params(model) -> int:
-    layer = find_moe_layers(model)[0]
-    tensors = list(layer.router.parameters()) + list(layer.router.buffers())
-    return sum(t.numel() // layer.num_experts for t in tensors if t.dim() >= 1 and t.shape[0] == layer.num_experts)
-
-
 def _constant_expert_model():
     """gpt-oss with expert 0 of every layer made constant: zero gate/up weights, so its output is
     down @ act(biases) + down bias for every token; its router bias is raised so it is routed to."""

@@ -221,7 +221,8 @@ def _stun_distance(kind: str, ls: LayerStats, weight: torch.Tensor) -> torch.Ten
 def global_tau(distances: dict[int, torch.Tensor], target: int, min_clusters: int) -> tuple[float, dict[int, list[list[int]]]]:
     """Bisection over the distinct pairwise distances for one tau giving `target` clusters in total
     (or, when no tau hits it exactly, the closest count above it)."""
-    candidates = sorted({float(v) for d in distances.values() for v in d[torch.triu_indices(*d.shape, 1).unbind()]})
+    upper = [d[tuple(torch.triu_indices(*d.shape, 1))] for d in distances.values()]
+    candidates = sorted({float(v) for u in upper for v in u if math.isfinite(float(v))})
     candidates = [-math.inf] + candidates
 
     def run(tau: float) -> dict[int, list[list[int]]]:
