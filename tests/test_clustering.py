@@ -144,7 +144,7 @@ def test_group_limited_routers_cluster_inside_groups():
     assert torch.isfinite(_logits(reference, ids)).all()
 
 
-@pytest.mark.parametrize("strategy", ["hc-smoe", "stun", "mone"])
+@pytest.mark.parametrize("strategy", ["hc-smoe", "m-smoe", "stun", "mone", "dern"])
 def test_cli_prune_accepts_the_strategy(strategy, tmp_path):
     from moeprune.cli import main
 

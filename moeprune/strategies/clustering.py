@@ -254,6 +254,7 @@ def stun(
     stats: ExpertStats, ratio: float, model: Any, budget: str = "global", protect_super: bool = False,
     distance: str = "router", merge: bool = False,
 ) -> Plan:
+    """STUN stage 1; the budget is always global (`budget` is accepted and ignored)."""
     check_ratio(ratio)
     routing, top_k, n_group = routing_of(stats)
     if n_group > 1:
