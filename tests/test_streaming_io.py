@@ -37,6 +37,19 @@ def test_writer_bounds_shards_and_writes_index(tmp_path):
     assert all(torch.equal(back[n], t) for n, t in tensors.items())
 
 
+def test_writer_rewrites_a_shard_whose_header_outgrows_the_reserve(tmp_path, monkeypatch):
+    from moeprune.streaming import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "HEADER_RESERVE", 64)
+    tensors = {f"tensor_{i}": torch.randn(3, dtype=torch.float64).to(torch.bfloat16) for i in range(4)}
+    writer = ShardedWriter(tmp_path, "1MB")
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.close()
+    back = read_checkpoint_tensors(tmp_path)
+    assert sorted(back) == sorted(tensors) and all(torch.equal(back[n], t) for n, t in tensors.items())
+
+
 def test_writer_single_shard_has_no_index(tmp_path):
     writer = ShardedWriter(tmp_path, "5GB")
     writer.add("a", torch.ones(3))

@@ -226,9 +226,12 @@ def streamed_calibrate(
         if done >= 0:
             current = ActivationStore.from_directory(work.acts_dir(done), len(batches), budget)
         bar = tqdm(range(done + 1, len(layers)), desc="calibrating layers", unit="layer", disable=not progress)
+        load_s = forward_s = 0.0
         for index in bar:
+            tick = time.perf_counter()
             names = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
             _to_device(model, names, device)
+            load_s += time.perf_counter() - tick
             out_dir = work.partial_acts_dir(index) if work is not None else Path(scratch.name) / f"out{index % 2}"
             out_dir.mkdir(parents=True, exist_ok=True)
             for f in out_dir.glob("*.safetensors"):
@@ -238,7 +241,10 @@ def streamed_calibrate(
                 args, kwargs = calls[b][index]
                 mask = batch.get("attention_mask")
                 observer.set_mask(mask)
-                out = layers[index](current.get(b), *args, **kwargs)
+                hidden = current.get(b)
+                tick = time.perf_counter()
+                out = layers[index](hidden, *args, **kwargs)
+                forward_s += time.perf_counter() - tick
                 outputs.put(b, out[0] if isinstance(out, tuple) else out)
             release(model, names)
             if work is not None:
@@ -251,10 +257,13 @@ def streamed_calibrate(
     if scratch is not None:
         scratch.cleanup()
     ckpt.close()
-    logger.info("streamed calibration of %d layers took %.1fs", len(layers) - done - 1, time.perf_counter() - started)
+    logger.info("streamed calibration: %d layers, %.1fs (load %.1fs, forward %.1fs)", len(layers) - done - 1,
+                time.perf_counter() - started, load_s, forward_s)
     sequences = sum(b["input_ids"].shape[0] for b in batches)
     seq_len = max((b["input_ids"].shape[1] for b in batches), default=0)
-    info = {"sequences": int(sequences), "seq_len": int(seq_len), "dense_tokens": int(dense_tokens)}
+    info = {"sequences": int(sequences), "seq_len": int(seq_len), "dense_tokens": int(dense_tokens),
+            "stream_seconds": {"load": round(load_s, 3), "forward": round(forward_s, 3),
+                               "total": round(time.perf_counter() - started, 3)}}
     info.update(meta or {})
     return observer.result(info)
 

@@ -18,7 +18,7 @@ import re
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -29,13 +29,20 @@ logger = logging.getLogger(__name__)
 
 
 class LazyCheckpoint:
-    """Tensor-by-tensor reader of a (sharded) safetensors checkpoint directory."""
+    """Tensor-by-tensor reader of a (sharded) safetensors checkpoint directory.
 
-    def __init__(self, path: str | Path) -> None:
+    `safe_open` memory-maps the shard, and the pages a read touches stay resident (and count in
+    the process's RSS) until the map is closed, so the handle is reopened after every
+    `remap_bytes` read: resident mapped pages stay bounded however large the shards are.
+    """
+
+    def __init__(self, path: str | Path, remap_bytes: int = 256 * 2**20) -> None:
         self.path = Path(path)
         self.shards: dict[str, Path] = shard_map(self.path)
+        self.remap_bytes = remap_bytes
         self._file: Path | None = None
         self._handle: Any = None
+        self._mapped = 0
         self.bytes_read = 0
 
     # ---- handles ----------------------------------------------------------------------------
@@ -50,7 +57,7 @@ class LazyCheckpoint:
         return self._handle
 
     def close(self) -> None:
-        self._handle, self._file = None, None
+        self._handle, self._file, self._mapped = None, None, 0
 
     def __enter__(self) -> "LazyCheckpoint":
         return self
@@ -83,8 +90,15 @@ class LazyCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         tensor = self._guard(name, lambda h: h.get_tensor(name))
-        self.bytes_read += tensor.numel() * tensor.element_size()
+        self._count(tensor)
         return tensor
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        self.bytes_read += size
+        self._mapped += size
+        if self._mapped >= self.remap_bytes:
+            self.close()
 
     def get_rows(self, name: str, rows: list[int], dim: int = 0) -> torch.Tensor:
         """Rows `rows` (in that order) of dimension `dim` (0 or 1), reading only those rows."""
@@ -101,7 +115,7 @@ class LazyCheckpoint:
             return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0].clone()
 
         tensor = self._guard(name, read)
-        self.bytes_read += tensor.numel() * tensor.element_size()
+        self._count(tensor)
         return tensor
 
 
@@ -161,27 +175,37 @@ class KeyMap:
         self, ckpt: LazyCheckpoint, disk_keys: Iterable[str], dtype: torch.dtype | None = None
     ) -> dict[str, torch.Tensor]:
         """{module key: tensor} for `disk_keys`, converted as `from_pretrained` converts them."""
-        from transformers.core_model_loading import WeightRenaming, dot_natural_key
+        return dict(self.iter_state(ckpt, disk_keys, dtype))
 
-        mappings: dict[str, Any] = {}
-        ordered = sorted(disk_keys, key=dot_natural_key)
-        tensors = {key: ckpt.get(key) for key in ckpt.keys_by_shard(ordered)}  # shard by shard
-        for key in ordered:  # collected in the loader's (natural) order
-            target = self.targets[key]
-            tensor = tensors.pop(key)
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            if target.source_pattern is not None:
-                mapping = mappings.setdefault(target.model_key, deepcopy(self.pattern_to_converter[target.source_pattern]))
-                mapping.add_tensor(target.model_key, key, target.source_pattern, tensor)
+    def iter_state(
+        self, ckpt: LazyCheckpoint, disk_keys: Iterable[str], dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(module key, tensor) pairs, one converted target at a time, so that only one target's
+        source tensors are in memory at once. Floating tensors are cast to `dtype` after the
+        conversion (cast-then-stack and stack-then-cast give the same bits; this order keeps the
+        temporaries in the narrower checkpoint dtype)."""
+        from transformers.core_model_loading import dot_natural_key
+
+        groups: dict[str, list[str]] = {}
+        for key in sorted(disk_keys, key=dot_natural_key):  # the loader's (natural) order
+            groups.setdefault(self.targets[key].model_key, []).append(key)
+        for first, keys in groups.items():
+            pattern = self.targets[keys[0]].source_pattern
+            if pattern is None:
+                if len(keys) > 1:
+                    raise CorruptCheckpointError(f"{ckpt.path}: tensors {keys} all load into {first}")
+                results = {first: ckpt.get(keys[0])}
             else:
-                mapping = mappings.setdefault(target.model_key, WeightRenaming(key, target.model_key))
-                mapping.add_tensor(target.model_key, key, key, tensor)
-        state: dict[str, torch.Tensor] = {}
-        for first, mapping in mappings.items():
-            for name, value in mapping.convert(first, model=self.model, config=self.model.config).items():
-                state[name] = value[0] if isinstance(value, list) else value
-        return state
+                mapping = deepcopy(self.pattern_to_converter[pattern])
+                tensors = {key: ckpt.get(key) for key in ckpt.keys_by_shard(keys)}
+                for key in keys:
+                    mapping.add_tensor(first, key, self.targets[key].source_pattern, tensors.pop(key))
+                results = mapping.convert(first, model=self.model, config=self.model.config)
+            for name, value in results.items():
+                value = value[0] if isinstance(value, list) else value
+                if dtype is not None and value.is_floating_point():
+                    value = value.to(dtype)
+                yield name, value
 
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -215,12 +239,13 @@ def materialise(
 
     Raises `CorruptCheckpointError` when a parameter of that module has no tensor in the checkpoint.
     """
-    state = keymap.load_state(ckpt, keymap.keys_under(prefix), dtype)
     module = model.get_submodule(prefix) if prefix else model
     dot = prefix + "." if prefix else ""
-    for name, value in state.items():
+    names = []
+    for name, value in keymap.iter_state(ckpt, keymap.keys_under(prefix), dtype):
         set_tensor(model, name, value)
+        names.append(name)
     missing = [f"{dot}{n}" for n, p in module.named_parameters() if p.device.type == "meta"]
     if missing:
         raise CorruptCheckpointError(f"{ckpt.path}: no tensors for {missing[:4]} in the checkpoint")
-    return list(state)
+    return names

@@ -1,7 +1,7 @@
 """Size-bounded sharded safetensors writer producing Hugging Face shard names and index.
 
-Tensors are buffered until the next one would push the shard past `max_shard_size`; the shard is
-then written and the buffer freed, so memory stays bounded by one shard. Shards are written with
+A new shard starts when the next tensor would push the current one past `max_shard_size`. Tensors
+are written to disk as they arrive, so memory stays bounded by one tensor. Shards are written with
 provisional names and renamed to `model-0000i-of-0000N.safetensors` by `close()`, which also writes
 `model.safetensors.index.json` (`metadata.total_size`, `total_parameters`, `weight_map`). A single
 shard is named `model.safetensors` with no index, like `save_pretrained`.
@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
+import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors.torch import save_file
 
 from moeprune.io.safetensors_io import INDEX_FILE, SINGLE_FILE
 
@@ -34,43 +37,81 @@ def parse_size(size: str | int) -> int:
     return int(float(match.group(1)) * _UNITS.get(match.group(2).upper(), 1))
 
 
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+HEADER_RESERVE = 2 * 2**20  # bytes kept free for the header at the start of each shard
+
+
 class ShardedWriter:
-    """Write tensors into size-bounded shards inside `directory` (which must exist)."""
+    """Write tensors into size-bounded shards inside `directory` (which must exist).
+
+    Each tensor goes to disk as soon as it is added (no shard is buffered in memory): its bytes are
+    written after a reserved header area, and the safetensors header is written into that area,
+    space-padded, when the shard closes (a header larger than the area is handled by rewriting
+    the shard once).
+    """
 
     def __init__(self, directory: str | Path, max_shard_size: str | int = "5GB") -> None:
         self.directory = Path(directory)
         self.max_bytes = parse_size(max_shard_size)
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
+        self._file: BinaryIO | None = None
+        self._entries: dict[str, dict] = {}
+        self._offset = 0
         self._parts: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
         self.total_params = 0
-        self.bytes_written = 0
         self._names: set[str] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._names:
             raise ValueError(f"tensor {name} written twice")
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} cannot be written to safetensors")
         self._names.add(name)
         size = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + size > self.max_bytes:
+        if self._entries and self._offset + size > self.max_bytes:
             self.flush()
-        self._buffer[name] = tensor.contiguous()
-        self._buffer_bytes += size
+        if self._file is None:
+            part = self.directory / f"model-part-{len(self._parts) + 1:05d}.safetensors"
+            self._file = open(part, "wb")
+            self._file.seek(HEADER_RESERVE)
+            self._parts.append((part, []))
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._entries[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [self._offset, self._offset + size]}
+        self._parts[-1][1].append(name)
+        self._offset += size
         self.total_bytes += size
         self.total_params += tensor.numel()
 
     def flush(self) -> None:
-        if not self._buffer:
+        """Finish the current shard: write its header."""
+        if self._file is None:
             return
-        part = self.directory / f"model-part-{len(self._parts) + 1:05d}.safetensors"
-        save_file(self._buffer, str(part), metadata={"format": "pt"})
-        self._parts.append((part, list(self._buffer)))
-        self.bytes_written += self._buffer_bytes
-        self._buffer, self._buffer_bytes = {}, 0
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        if len(header) + 8 <= HEADER_RESERVE:
+            header += b" " * (HEADER_RESERVE - 8 - len(header))
+            self._file.seek(0)
+            self._file.write(struct.pack("<Q", len(header)) + header)
+            self._file.close()
+        else:  # rare: more tensor entries than the reserve holds; rewrite once with a full header
+            self._file.close()
+            header += b" " * (-(len(header) + 8) % 8)
+            part = self._parts[-1][0]
+            tmp = part.with_name(part.name + ".tmp")
+            with open(part, "rb") as src, open(tmp, "wb") as dst:
+                dst.write(struct.pack("<Q", len(header)) + header)
+                src.seek(HEADER_RESERVE)
+                shutil.copyfileobj(src, dst, 64 * 2**20)
+            os.replace(tmp, part)
+        self._file, self._entries, self._offset = None, {}, 0
 
     def close(self) -> dict[str, str]:
-        """Write the last shard, give shards their final names, write the index; returns the weight map."""
+        """Finish the last shard, give shards their final names, write the index; returns the weight map."""
         self.flush()
         n = len(self._parts)
         weight_map: dict[str, str] = {}
