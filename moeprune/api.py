@@ -65,6 +65,10 @@ def prune(recipe: PruneRecipe, model: nn.Module | None = None, tokenizer: Any = 
     stats = calibrate(model, ids, batch_size=cal.batch_size, dense_tokens=dense, progress=progress, meta=meta)
     result_plan = plan(stats, recipe.strategy, recipe.ratio, model=model, **recipe.strategy_params())
     apply_plan(model, result_plan)
+    if recipe.sparsify is not None:
+        from moeprune.sparsify.run import sparsify
+
+        sparsify(model, ids, plan=result_plan, batch_size=cal.batch_size, progress=progress, **recipe.sparsify.kwargs())
     output = None
     if recipe.output:
         output = save_pruned(

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moeprune.io.loading import BUNDLED
+from moeprune.sparsify.config import SparsifyConfig
 
 
 class CalibrationConfig(BaseModel):
@@ -39,6 +40,7 @@ class PruneRecipe(BaseModel):
     output: str | None = None
     evaluate: bool = False
     eval_max_tokens: int = Field(16384, ge=16)
+    sparsify: SparsifyConfig | None = None  # intra-expert pruning after the plan (moeprune.sparsify)
 
     @field_validator("strategy")
     @classmethod

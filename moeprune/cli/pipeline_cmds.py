@@ -18,6 +18,7 @@ from moeprune.io.loading import BUNDLED, load_model
 from moeprune.plan import Plan
 from moeprune.strategies import available_strategies, get_strategy, plan
 from moeprune.apply.surgery import apply_plan
+from moeprune.sparsify.cli_options import sparsify_options
 
 
 def _calibration_options(fn):
@@ -106,6 +107,7 @@ def apply_command(model, plan_path, output, overwrite) -> None:
 @_calibration_options
 @click.option("--output", "-o", type=click.Path(), help="Output checkpoint directory.")
 @click.option("--eval/--no-eval", "evaluate", default=None, help="Print dense vs pruned held-out perplexity.")
+@sparsify_options
 @click.option("--offload/--no-offload", default=None,
               help="Stream the checkpoint layer by layer (default: automatic when it does not fit in memory).")
 @click.option("--resume", is_flag=True, help="With --offload: continue a killed run from its last finished layer.")
@@ -113,16 +115,17 @@ def apply_command(model, plan_path, output, overwrite) -> None:
 @click.option("--work-dir", type=click.Path(), help="With --offload: resumable per-layer checkpoints (default next to --output).")
 @user_errors
 def prune_command(model, config_path, strategy, ratio, budget, protect_super, calibration, samples, seq_len, seed,
-                  batch_size, output, evaluate, offload, resume, memory_budget, work_dir) -> None:
+                  batch_size, output, evaluate, sparsify_overrides, offload, resume, memory_budget, work_dir) -> None:
     """Calibrate, plan, apply and save in one go."""
     recipe = load_recipe(config_path, {
         "model": model, "strategy": strategy, "ratio": ratio, "budget": budget, "protect_super": protect_super,
         "calibration.source": calibration, "calibration.samples": samples, "calibration.seq_len": seq_len,
         "calibration.seed": seed, "calibration.batch_size": batch_size, "output": output, "evaluate": evaluate,
+        **sparsify_overrides,
     })
     if not recipe.output:
         raise click.UsageError("--output is required (or `output:` in the recipe)")
-    if offload is None and not recipe.evaluate:
+    if offload is None and not recipe.evaluate and recipe.sparsify is None:
         from moeprune.io.loading import resolve_model_path
         from moeprune.streaming.pipeline import should_offload
 
@@ -130,8 +133,8 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
     if offload:
         from moeprune.streaming.pipeline import prune_offloaded
 
-        if recipe.evaluate:
-            raise click.UsageError("--eval needs the model in memory; drop --offload")
+        if recipe.evaluate or recipe.sparsify is not None:
+            raise click.UsageError("--eval and intra-expert sparsification need the model in memory; drop --offload")
         result = prune_offloaded(recipe, work_dir=work_dir, resume=resume, memory_budget=memory_budget)
         click.echo(f"strategy {recipe.strategy}, ratio {recipe.ratio}: experts per layer {result.plan.experts_per_layer}")
         click.echo(f"wrote {result.output} (streamed)")
@@ -146,6 +149,10 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
     else:
         result = prune(recipe)
     click.echo(f"strategy {recipe.strategy}, ratio {recipe.ratio}: experts per layer {result.plan.experts_per_layer}")
+    if "sparsity" in result.plan.params:
+        done = result.plan.params["sparsity"]
+        click.echo(f"intra-expert {done['method']}: expert sparsity {done['expert_sparsity']:.3f}, "
+                   f"total with expert removal {done['total_sparsity']:.3f}")
     click.echo(f"wrote {result.output}")
     if dense_ppl is not None:
         from moeprune.cli.prune_eval import heldout_perplexities
