@@ -29,6 +29,7 @@ from moeprune.calibration.observer import calibrate
 from moeprune.evaluation import compare_models, encode_texts, format_table, perplexity_from_ids
 from moeprune.evaluation.report import format_markdown
 from moeprune.io.loading import BUNDLED, load_model
+from moeprune.plan import Plan
 from moeprune.strategies import available_strategies, get_strategy, plan
 
 START, END = "<!-- bench_quality:start -->", "<!-- bench_quality:end -->"
@@ -57,13 +58,24 @@ def prune_in_memory(model, stats, strategy: str, ratio: float):
     return result
 
 
-def extra_rows() -> list[tuple[str, float, Callable]]:
-    """Rows contributed by optional stages (e.g. sparsification); empty if not installed."""
-    try:
-        from moeprune.sparsify.bench_rows import bench_rows
-    except ImportError:
-        return []
-    return bench_rows()
+def sparsity_rows(stats, ids) -> list[tuple[str, str, Callable]]:
+    """STUN's comparison: REAP 25% + 50% intra-expert sparsity (62.5% of routed-expert weights in
+    total) with each method, vs unstructured-only at the same total (with and without OWL)."""
+    from moeprune.sparsify.run import sparsify
+
+    def structured_then(method: str) -> Callable:
+        def run(model):
+            result = prune_in_memory(model, stats, "reap", 0.25)
+            sparsify(model, ids, method, 0.5, plan=result, progress=False)
+            return result
+        return run
+
+    def unstructured(method: str, owl: bool) -> Callable:
+        return lambda model: sparsify(model, ids, method, 0.625, owl=owl, progress=False)
+
+    rows = [(f"reap + {m} 50%", "0.25+0.5", structured_then(m)) for m in ("wanda", "moe-pruner", "sparsegpt")]
+    rows += [("wanda only", "0.625", unstructured("wanda", False)), ("wanda+OWL only", "0.625", unstructured("wanda", True))]
+    return rows
 
 
 def main() -> None:
@@ -76,7 +88,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens per domain")
     parser.add_argument("--agree-tokens", type=int, default=8192, help="held-out tokens per domain for agreement/KL")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-extra", action="store_true", help="skip rows of optional stages (sparsity)")
+    parser.add_argument("--no-extra", action="store_true", help="skip the intra-expert sparsity rows")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--readme", type=Path)
     args = parser.parse_args()
@@ -97,19 +109,19 @@ def main() -> None:
     jobs: list[tuple[str, float, Callable]] = []
     for ratio in args.ratios:
         for name in strategies:
-            jobs.append((name, ratio, lambda m, name=name, ratio=ratio: prune_in_memory(m, stats, name, ratio)))
+            jobs.append((name, f"{ratio:g}", lambda m, name=name, ratio=ratio: prune_in_memory(m, stats, name, ratio)))
     if not args.no_extra:
-        jobs += [(name, ratio, lambda m, fn=fn: fn(m, stats, ids)) for name, ratio, fn in extra_rows()]
+        jobs += sparsity_rows(stats, ids)
     for name, ratio, run in jobs:
         model = copy.deepcopy(dense)
         try:
             result = run(model)
-            counts = sorted({layer.num_kept for layer in result.layers.values()}) if hasattr(result, "layers") else None
-            row = {"strategy": name, "ratio": f"{ratio:g}",
+            counts = sorted({lp.num_kept for lp in result.layers.values()}) if isinstance(result, Plan) else None
+            row = {"strategy": name, "ratio": ratio,
                    "experts/layer": counts[0] if counts and len(counts) == 1 else (f"{counts[0]}-{counts[-1]}" if counts else "")}
             row.update(measure(dense, model, data, agree_ids, args.seq_len))
         except Exception as err:  # a strategy that cannot reach a ratio is reported, not fatal
-            row = {"strategy": name, "ratio": f"{ratio:g}", "experts/layer": f"error: {err}"[:60]}
+            row = {"strategy": name, "ratio": ratio, "experts/layer": f"error: {err}"[:60]}
         rows.append(row)
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
         del model
