@@ -12,11 +12,8 @@ from moeprune.io.checkpoint import OutputPathError
 from moeprune.io.safetensors_io import CorruptCheckpointError
 from moeprune.plan import LayerPlan, Plan, PlanError
 from moeprune.testing.tiny_models import random_batch, save_tiny_checkpoint, tiny_model
+from moeprune.testing.checks import logits_of as _logits
 
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])

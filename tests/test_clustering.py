@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 import pytest
 import torch
 from click.testing import CliRunner
@@ -16,27 +15,10 @@ from moeprune.strategies import available_strategies, get_strategy
 from moeprune.strategies.clustering import average_linkage_clusters, dominant_clusters, greedy_reject_mixed
 from moeprune.strategies.similarity import coselect_distance, router_logit_similarity, router_weight_distance
 from moeprune.testing.tiny_models import random_batch, save_tiny_checkpoint, tiny_model
+from moeprune.testing.checks import logits_of as _logits, safetensors_bytes, router_row_params
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
-
-def safetensors_bytes(path) -> int:
-    """Tensor bytes of a checkpoint's safetensors files (headers, which differ by layout, excluded)."""
-    total = 0
-    for f in path.glob("*.safetensors"):
-        if not f.name.startswith("moeprune_"):
-            with open(f, "rb") as handle:
-                total += f.stat().st_size - 8 - struct.unpack("<Q", handle.read(8))[0]
-    return total
-
-
-def router_row_params(model) -> int:
-    layer = find_moe_layers(model)[0]
-    tensors = list(layer.router.parameters()) + list(layer.router.buffers())
-    return sum(t.numel() // layer.num_experts for t in tensors if t.dim() >= 1 and t.shape[0] == layer.num_experts)
 
 
 def _line_distance(points: list[float]) -> torch.Tensor:

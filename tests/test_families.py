@@ -11,11 +11,8 @@ from transformers import AutoModelForCausalLM
 from moeprune import apply, calibrate, plan, save
 from moeprune.adapters import find_moe_layers
 from moeprune.testing.tiny_models import random_batch, tiny_model
+from moeprune.testing.checks import logits_of as _logits
 
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def test_keep_all_plan_is_bit_identical(family):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -12,29 +11,12 @@ from moeprune.adapters import find_moe_layers
 from moeprune.apply.merge import alignment, permute_neurons, read_experts, write_experts
 from moeprune.plan import LayerPlan, Plan
 from moeprune.testing.tiny_models import random_batch, tiny_model
+from moeprune.testing.checks import logits_of as _logits, safetensors_bytes, router_row_params
 
 FAMILIES = ["qwen3_moe", "gpt_oss"]
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
-
-def safetensors_bytes(path) -> int:
-    """Tensor bytes of a checkpoint's safetensors files (headers, which differ by layout, excluded)."""
-    total = 0
-    for f in path.glob("*.safetensors"):
-        if not f.name.startswith("moeprune_"):
-            with open(f, "rb") as handle:
-                total += f.stat().st_size - 8 - struct.unpack("<Q", handle.read(8))[0]
-    return total
-
-
-def router_row_params(model) -> int:
-    layer = find_moe_layers(model)[0]
-    tensors = list(layer.router.parameters()) + list(layer.router.buffers())
-    return sum(t.numel() // layer.num_experts for t in tensors if t.dim() >= 1 and t.shape[0] == layer.num_experts)
 
 
 def _copy_expert(model, src: int, dst: int, perm: torch.Tensor | None = None, router: bool = False) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 import json
 
 import pytest
@@ -16,21 +15,9 @@ from moeprune.io.checkpoint import load_pruned
 from moeprune.plan import LayerPlan, Plan
 from moeprune.strategies.mone import redundancy_score
 from moeprune.testing.tiny_models import random_batch, tiny_model
+from moeprune.testing.checks import logits_of as _logits, safetensors_bytes
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def safetensors_bytes(path) -> int:
-    """Tensor bytes of a checkpoint's safetensors files (headers, which differ by layout, excluded)."""
-    total = 0
-    for f in path.glob("*.safetensors"):
-        if not f.name.startswith("moeprune_"):
-            with open(f, "rb") as handle:
-                total += f.stat().st_size - 8 - struct.unpack("<Q", handle.read(8))[0]
-    return total
 
 
 def _constant_expert_model():
