@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -213,7 +214,7 @@ def streamed_calibrate(
         embed_name = _module_name(model, model.get_input_embeddings())
         embed_names = materialise(model, keymap, ckpt, embed_name, dtype)
         _to_device(model, embed_names, device)
-        first_dir = work.partial_acts_dir(-1) if work is not None else Path(scratch.name) / "in"
+        first_dir = work.path / "acts" / "input" if work is not None else Path(scratch.name) / "in"
         first_dir.mkdir(parents=True, exist_ok=True)
         current = ActivationStore(first_dir, budget)
         calls: list[list[tuple[tuple, dict]]] = []
@@ -254,6 +255,8 @@ def streamed_calibrate(
             current = outputs
             if on_layer_done is not None:
                 on_layer_done(index)
+        if work is not None:
+            shutil.rmtree(first_dir, ignore_errors=True)
     if scratch is not None:
         scratch.cleanup()
     ckpt.close()
