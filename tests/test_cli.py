@@ -84,3 +84,14 @@ def test_clear_errors(workspace):
                     "--output", workspace / "x", "--calibration", workspace / "calib.txt", *CAL)
     assert too_many.exit_code == 2 and "top-2" in too_many.output
     assert not (workspace / "x").exists()
+
+
+def test_routing_heatmap_places_kept_experts_at_original_indices():
+    import numpy as np
+
+    from moeprune.cli.eval_cmd import place_at_original_experts
+
+    values = np.array([[0.5, 0.5], [0.25, 0.75]])
+    out = place_at_original_experts(values, [[1, 3], None], 4)
+    assert out[0, 1] == 0.5 and out[0, 3] == 0.5 and np.isnan(out[0, 0]) and np.isnan(out[0, 2])
+    assert out[1, 0] == 0.25 and out[1, 1] == 0.75 and np.isnan(out[1, 2])

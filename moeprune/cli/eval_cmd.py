@@ -20,13 +20,47 @@ log = logging.getLogger(__name__)
 
 
 def _load(path: str):
-    """Load a model and its tokenizer (the one place to swap for ``moeprune.load_pruned``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a model and its tokenizer: builtin names, stock and moeprune (non-uniform, novice) outputs."""
+    from moeprune.io.loading import load_model
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    model, tokenizer, _ = load_model(path, check_moe=False)
+    return model.eval(), tokenizer
+
+
+def place_at_original_experts(values, kept: list, num_experts: int):
+    """[layers, E'] values of a pruned model -> [layers, E] at the original expert indices (NaN where
+    dropped). `kept[row]` is the plan's kept list for that row, or None for an unpruned row."""
+    import numpy as np
+
+    out = np.full((values.shape[0], num_experts), np.nan)
+    for row, indices in enumerate(kept):
+        indices = indices if indices is not None else list(range(values.shape[1]))
+        out[row, indices] = values[row, : len(indices)]
+    return out
+
+
+def routing_heatmap(reference_path: str, candidate_path: str, data: list[str], seq_len: int, max_tokens: int | None,
+                    path: str) -> None:
+    """Per-layer routing frequency of the reference and the candidate, the candidate's experts placed
+    at their original indices (from its moeprune_plan.json; dropped experts blank)."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from moeprune.evaluation.plots import plot_routing_heatmaps
+    from moeprune.evaluation.routing_stats import routing_frequencies
+
+    reference, tokenizer = _load(reference_path)
+    ids = torch.cat([encode_texts(tokenizer, load_texts(src), max_tokens) for src in data])
+    before = routing_frequencies(reference, ids, seq_len).numpy()
+    candidate = _load(candidate_path)[0]
+    raw = routing_frequencies(candidate, ids, seq_len).numpy()
+    plan_file = Path(candidate_path) / "moeprune_plan.json"
+    layers = json.loads(plan_file.read_text())["layers"] if plan_file.is_file() else {}
+    kept = [layers.get(str(row), {}).get("kept") for row in range(before.shape[0])]
+    after = place_at_original_experts(raw, kept, before.shape[1])
+    plot_routing_heatmaps(before, after, path, title=f"routing: {Path(reference_path).name} -> {Path(candidate_path).name}")
 
 
 def evaluate_models(
@@ -61,9 +95,11 @@ def evaluate_models(
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--routing-plot", "routing_path", type=click.Path(dir_okay=False), default=None,
+              help="PNG heatmaps of per-layer routing frequency, MODEL vs the first --compare model.")
 def eval_command(model: str, compare: tuple[str, ...], data: tuple[str, ...], seq_len: int,
                  max_tokens: int | None, batch_size: int, json_path: str | None, csv_path: str | None,
-                 plot_path: str | None) -> None:
+                 plot_path: str | None, routing_path: str | None) -> None:
     """Evaluate MODEL (and --compare models) on held-out text."""
     rows = evaluate_models([model, *compare], list(data), seq_len, max_tokens, batch_size)
     print_table(rows)
@@ -75,3 +111,7 @@ def eval_command(model: str, compare: tuple[str, ...], data: tuple[str, ...], se
         from moeprune.evaluation.plots import plot_perplexity_bars
 
         plot_perplexity_bars(rows, plot_path)
+    if routing_path:
+        if not compare:
+            raise click.UsageError("--routing-plot needs a --compare model")
+        routing_heatmap(model, compare[0], list(data), seq_len, max_tokens, routing_path)
