@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--no-extra", action="store_true", help="skip the intra-expert sparsity rows")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--readme", type=Path)
+    parser.add_argument("--plot", type=Path, help="PNG: code perplexity vs share of experts removed, per strategy")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(args.seed)
@@ -133,7 +134,13 @@ def main() -> None:
     print("\n" + header + "\n\n" + table)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    if args.readme:
+    if args.plot:
+        from moeprune.evaluation.plots import plot_perplexity_vs_compression
+
+        points = [{"strategy": r["strategy"], "experts removed": float(r["ratio"]), "code perplexity": float(r["code ppl"])}
+                  for r in rows[1:] if "code ppl" in r and re.fullmatch(r"[0-9.]+", r["ratio"])]
+        plot_perplexity_vs_compression(points, args.plot, x="experts removed", y="code perplexity",
+                                       dense=float(rows[0]["code ppl"]), title=f"{args.model}: held-out code perplexity")
         text = args.readme.read_text()
         block = f"{START}\n`{command.strip()}`\n\n{header}\n\n{table}\n{END}"
         if START in text:
