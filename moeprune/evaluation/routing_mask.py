@@ -14,27 +14,18 @@ with the dropped experts' logits set to -inf and *returns* the new tuple, replac
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def find_routers(model: nn.Module) -> dict[int, nn.Module]:
-    """Map decoder-layer index → router module (a module with ``top_k`` and a ``[E, H]`` weight)."""
-    routers: dict[int, nn.Module] = {}
-    for name, module in model.named_modules():
-        match = _LAYER_RE.search(name + ".")
-        weight = getattr(module, "weight", None)
-        if match is None or not hasattr(module, "top_k") or not isinstance(weight, torch.Tensor):
-            continue
-        n_experts = getattr(module, "num_experts", weight.shape[0])
-        if weight.ndim == 2 and weight.shape[0] == n_experts:
-            routers.setdefault(int(match.group(1)), module)
-    return routers
+    """Map decoder-layer index -> router module (the adapters' MoE-layer discovery)."""
+    from moeprune.adapters import find_moe_layers
+
+    return {layer.layer: layer.router for layer in find_moe_layers(model)}
 
 
 def masked_routing(
