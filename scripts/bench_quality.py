@@ -138,7 +138,7 @@ def main() -> None:
         from moeprune.evaluation.plots import plot_perplexity_vs_compression
 
         points = [{"strategy": r["strategy"], "experts removed": float(r["ratio"]), "code perplexity": float(r["code ppl"])}
-                  for r in rows[1:] if "code ppl" in r and re.fullmatch(r"[0-9.]+", r["ratio"])]
+                  for r in rows[1:] if "code ppl" in r and re.fullmatch(r"[0-9.]+", r["ratio"]) and r["strategy"] in strategies]
         plot_perplexity_vs_compression(points, args.plot, x="experts removed", y="code perplexity",
                                        dense=float(rows[0]["code ppl"]), title=f"{args.model}: held-out code perplexity")
         text = args.readme.read_text()
