@@ -50,7 +50,10 @@ class PruneResult:
     output: Path | None
 
 
-def prune(recipe: PruneRecipe, model: nn.Module | None = None, tokenizer: Any = None, progress: bool = True) -> PruneResult:
+def prune(
+    recipe: PruneRecipe, model: nn.Module | None = None, tokenizer: Any = None, progress: bool = True,
+    overwrite: bool = False,
+) -> PruneResult:
     """Run a whole recipe: load (unless `model` is given), calibrate, plan, apply, save."""
     source_path = None
     if model is None:
@@ -73,7 +76,7 @@ def prune(recipe: PruneRecipe, model: nn.Module | None = None, tokenizer: Any = 
     if recipe.output:
         output = save_pruned(
             model, recipe.output, plan=result_plan, tokenizer=tokenizer,
-            recipe=recipe.model_dump(mode="json"), input_dir=source_path,
+            recipe=recipe.model_dump(mode="json"), input_dir=source_path, overwrite=overwrite,
         )
     return PruneResult(model, tokenizer, stats, result_plan, output)
 

@@ -86,6 +86,17 @@ def test_clear_errors(workspace):
     assert not (workspace / "x").exists()
 
 
+def test_prune_refuses_then_overwrites_existing_output(workspace):
+    args = ("prune", workspace / "model", "--strategy", "frequency", "--ratio", 0.25, "--output", workspace / "again",
+            "--calibration", workspace / "calib.txt", *CAL)
+    assert _run(*args).exit_code == 0
+    second = _run(*args)
+    assert second.exit_code == 2 and "not empty" in second.output
+    assert _run(*args, "--overwrite").exit_code == 0
+    assert json.loads((workspace / "again" / "config.json").read_text())["num_experts"] == 6
+    assert not [p for p in workspace.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
 def test_routing_heatmap_places_kept_experts_at_original_indices():
     import numpy as np
 

@@ -113,9 +113,11 @@ def apply_command(model, plan_path, output, overwrite) -> None:
 @click.option("--resume", is_flag=True, help="With --offload: continue a killed run from its last finished layer.")
 @click.option("--memory-budget", default="4GB", show_default=True, help="With --offload: activations kept in memory.")
 @click.option("--work-dir", type=click.Path(), help="With --offload: resumable per-layer checkpoints (default next to --output).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory (atomically, when complete).")
 @user_errors
 def prune_command(model, config_path, strategy, ratio, budget, protect_super, calibration, samples, seq_len, seed,
-                  batch_size, output, evaluate, sparsify_overrides, offload, resume, memory_budget, work_dir) -> None:
+                  batch_size, output, evaluate, sparsify_overrides, offload, resume, memory_budget, work_dir,
+                  overwrite) -> None:
     """Calibrate, plan, apply and save in one go."""
     recipe = load_recipe(config_path, {
         "model": model, "strategy": strategy, "ratio": ratio, "budget": budget, "protect_super": protect_super,
@@ -135,7 +137,7 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
 
         if recipe.evaluate or recipe.sparsify is not None:
             raise click.UsageError("--eval and intra-expert sparsification need the model in memory; drop --offload")
-        result = prune_offloaded(recipe, work_dir=work_dir, resume=resume, memory_budget=memory_budget)
+        result = prune_offloaded(recipe, work_dir=work_dir, resume=resume, memory_budget=memory_budget, overwrite=overwrite)
         click.echo(f"strategy {recipe.strategy}, ratio {recipe.ratio}: experts per layer {result.plan.experts_per_layer}")
         click.echo(f"wrote {result.output} (streamed)")
         return
@@ -145,9 +147,9 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
 
         loaded, tokenizer, _ = load_model(recipe.model)
         dense_ppl = heldout_perplexities(loaded, tokenizer, recipe.eval_max_tokens)
-        result = prune(recipe, model=loaded, tokenizer=tokenizer)
+        result = prune(recipe, model=loaded, tokenizer=tokenizer, overwrite=overwrite)
     else:
-        result = prune(recipe)
+        result = prune(recipe, overwrite=overwrite)
     click.echo(f"strategy {recipe.strategy}, ratio {recipe.ratio}: experts per layer {result.plan.experts_per_layer}")
     if "sparsity" in result.plan.params:
         done = result.plan.params["sparsity"]
