@@ -49,3 +49,6 @@ def inspect_command(model: str, as_json: bool) -> None:
         f"parameters:       {summary['total_params']:,} total, {summary['routed_expert_params']:,} routed "
         f"({100 * summary['routed_share']:.1f}%), {summary['shared_expert_params']:,} shared"
     )
+    sparsity = summary.get("expert_sparsity") or {}
+    if sparsity.get("routed_experts"):
+        click.echo(f"expert sparsity:  {100 * sparsity['routed_experts']:.1f}% of routed-expert weights are zero")
