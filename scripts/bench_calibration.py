@@ -86,8 +86,8 @@ def main() -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
     base = med["plain forward (grouped_mm)"]
     print(f"{args.experts} experts, top-{args.top_k}, {ids.numel()} tokens, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"| run | seconds | vs plain forward |")
-    print(f"|---|---|---|")
+    print("| run | seconds | vs plain forward |")
+    print("|---|---|---|")
     for name, t in med.items():
         print(f"| {name} | {t:.2f} | {t / base:.2f}x |")
     obs, dense = med["moeprune observer"], med["dense all-experts observer"]

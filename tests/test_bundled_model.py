@@ -65,9 +65,6 @@ def test_eval_cli_self_comparison(tmp_path) -> None:
 @pytest.mark.slow
 @needs_asset
 def test_dropping_most_used_experts_hurts_most() -> None:
-    from moeprune.calibration.builtin_corpus import builtin_documents
-    from moeprune.evaluation import encode_texts, experts_by_frequency, mask_experts, perplexity_from_ids, routing_frequencies
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a shared 2-core machine, 2 threads can be >10x slower
     try:

@@ -46,8 +46,6 @@ def routing_heatmap(reference_path: str, candidate_path: str, data: list[str], s
     import json
     from pathlib import Path
 
-    import numpy as np
-
     from moeprune.evaluation.plots import plot_routing_heatmaps
     from moeprune.evaluation.routing_stats import routing_frequencies
 

@@ -60,6 +60,17 @@ def _patch_config_json(path: Path, model: nn.Module) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
+def publish_directory(tmp: Path, out: Path) -> None:
+    """Move a fully written `tmp` directory to `out` by rename (replacing an existing `out`)."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 def save_pruned(
     model: nn.Module,
     output_dir: str | Path,
@@ -89,13 +100,7 @@ def save_pruned(
             plan.save(tmp / PLAN_FILE)
         if recipe is not None:
             (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

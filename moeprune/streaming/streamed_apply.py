@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -40,7 +39,7 @@ from tqdm.auto import tqdm
 
 from moeprune.adapters import MoELayer, find_moe_layers
 from moeprune.apply.surgery import _prepare_layer, set_expert_count, slice_layer
-from moeprune.io.checkpoint import PLAN_FILE, RECIPE_FILE, _patch_config_json, check_output_dir
+from moeprune.io.checkpoint import PLAN_FILE, RECIPE_FILE, _patch_config_json, check_output_dir, publish_directory
 from moeprune.io.safetensors_io import INDEX_FILE
 from moeprune.plan import LayerPlan, Plan, PlanError
 from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, _expert_regex, release, set_tensor
@@ -196,7 +195,7 @@ def streamed_apply(
         marker = {"source": str(input_dir.resolve()), "tensors": len(weight_map), "bytes": writer.total_bytes,
                   "routes": job.routes, "bytes_read": ckpt.bytes_read, "seconds": round(time.perf_counter() - started, 3)}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1))
-        _publish(tmp, out)
+        publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -228,16 +227,6 @@ def _write_metadata(tmp: Path, input_dir: Path, model: nn.Module, counts: dict[i
     plan.save(tmp / PLAN_FILE)
     if recipe is not None:
         (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def is_complete(path: str | Path) -> bool:
