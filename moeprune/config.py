@@ -39,7 +39,7 @@ class PruneRecipe(BaseModel):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     output: str | None = None
     evaluate: bool = False
-    eval_max_tokens: int = Field(16384, ge=16)
+    eval_max_tokens: int = Field(32768, ge=16)
     sparsify: SparsifyConfig | None = None  # intra-expert pruning after the plan (moeprune.sparsify)
 
     @field_validator("strategy")
