@@ -124,9 +124,23 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32, **kwargs: 
             # novice layers keep E router rows for P experts: stock loading refuses them on purpose;
             # the mismatched routers are replaced by `restore_novices` below
             kwargs.setdefault("ignore_mismatched_sizes", True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+            model = _quietly(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     _restore_extensions(model, path)
     return model.eval()
+
+
+def _quietly(load):
+    """Run `load` with transformers' warnings muted (its expected router-mismatch report)."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return load()
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def _restore_extensions(model: nn.Module, path: Path) -> None:
