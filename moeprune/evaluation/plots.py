@@ -27,6 +27,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    """Write `fig` to `path` and release it."""
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def plot_perplexity_vs_compression(
     rows: Sequence[dict[str, Any]],
     path: str | Path,
@@ -57,10 +65,7 @@ def plot_perplexity_vs_compression(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def plot_perplexity_bars(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
@@ -80,10 +85,7 @@ def plot_perplexity_bars(rows: Sequence[dict[str, Any]], path: str | Path) -> Pa
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def plot_routing_heatmaps(
@@ -107,7 +109,4 @@ def plot_routing_heatmaps(
     fig.colorbar(im, ax=axes[0].tolist(), label="routing frequency")
     if title:
         fig.suptitle(title)
-    out = Path(path)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)

@@ -40,7 +40,7 @@ from scipy.spatial.distance import squareform
 from moeprune.calibration.stats import ExpertStats, LayerStats
 from moeprune.plan import LayerPlan, Plan, PlanError
 from moeprune.strategies.registry import register_strategy
-from moeprune.strategies.selection import check_ratio, keep_top
+from moeprune.strategies.selection import check_ratio, keep_top, routing_of
 from moeprune.strategies.similarity import (
     coselect_distance,
     expert_weight_matrix,
@@ -58,12 +58,6 @@ HC_SMOE_DENSE_TOKENS = 256
 
 
 # ---- shared helpers --------------------------------------------------------------------------
-def routing_of(stats: ExpertStats) -> tuple[dict[str, Any], int, int]:
-    routing = stats.meta.get("routing", {})
-    top_k = int(stats.meta.get("top_k") or routing.get("top_k") or 1)
-    return routing, top_k, int(routing.get("n_group", 1) or 1)
-
-
 def group_ranges(num_experts: int, n_group: int) -> list[list[int]]:
     """Contiguous routing groups (one range for ordinary routers)."""
     size = num_experts // n_group

@@ -16,7 +16,7 @@ import torch
 from moeprune.calibration.stats import ExpertStats, LayerStats
 from moeprune.plan import LayerPlan, Plan, PlanError
 from moeprune.strategies.registry import register_strategy
-from moeprune.strategies.selection import check_ratio, select_uniform
+from moeprune.strategies.selection import check_ratio, routing_of, select_uniform
 from moeprune.strategies.super_experts import super_experts
 from moeprune.apply.novice import encode_vectors
 
@@ -31,9 +31,7 @@ def mone(stats: ExpertStats, ratio: float, budget: str = "layer", protect_super:
     check_ratio(ratio)
     if budget != "layer":
         raise PlanError("mone keeps the top P experts per layer (budget='layer'); a global budget is not supported")
-    routing = stats.meta.get("routing", {})
-    top_k = int(stats.meta.get("top_k") or routing.get("top_k") or 1)
-    n_group = int(routing.get("n_group", 1) or 1)
+    routing, top_k, n_group = routing_of(stats)
     scores = {i: redundancy_score(s).double() for i, s in sorted(stats.layers.items())}
     protected = super_experts(stats) if protect_super else {i: [] for i in scores}
     ranked = {}

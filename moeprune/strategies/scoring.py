@@ -19,7 +19,7 @@ import torch
 from moeprune.calibration.stats import ExpertStats, LayerStats
 from moeprune.plan import LayerPlan, Plan, PlanError
 from moeprune.strategies.registry import register_strategy
-from moeprune.strategies.selection import check_ratio, select_global, select_uniform
+from moeprune.strategies.selection import check_ratio, routing_of, select_global, select_uniform
 from moeprune.strategies.super_experts import super_experts
 
 ScoreFn = Callable[[LayerStats], torch.Tensor]
@@ -44,9 +44,7 @@ def score_plan(
 ) -> Plan:
     """Shared body of the scoring strategies."""
     check_ratio(ratio)
-    routing = stats.meta.get("routing", {})
-    top_k = int(stats.meta.get("top_k") or routing.get("top_k") or 1)
-    n_group = int(routing.get("n_group", 1) or 1)
+    routing, top_k, n_group = routing_of(stats)
     raw = {i: score(s).double() for i, s in sorted(stats.layers.items())}
     protected = super_experts(stats) if protect_super else {i: [] for i in raw}
     ranked = {}

@@ -9,9 +9,11 @@ least `min_keep` experts per layer.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
+from moeprune.calibration.stats import ExpertStats
 from moeprune.plan import PlanError
 
 
@@ -19,6 +21,13 @@ def check_ratio(ratio: float) -> float:
     if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0.0 <= ratio < 1.0:
         raise PlanError(f"ratio must be in [0, 1) (share of experts removed), got {ratio!r}")
     return float(ratio)
+
+
+def routing_of(stats: ExpertStats) -> tuple[dict[str, Any], int, int]:
+    """(routing semantics, top-k, n_group) recorded in the statistics' metadata."""
+    routing = stats.meta.get("routing", {})
+    top_k = int(stats.meta.get("top_k") or routing.get("top_k") or 1)
+    return routing, top_k, int(routing.get("n_group", 1) or 1)
 
 
 def _order(scores: torch.Tensor) -> list[int]:
