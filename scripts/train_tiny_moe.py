@@ -9,9 +9,15 @@ averaged (transformers' pooled version lets single layers collapse onto a few ex
 Steps are a flag, and ``--max-minutes`` caps wall-clock time: the cosine schedule is planned over
 ``--steps``; if the time cap hits first, training stops and the model is saved as it is.
 
+The same script trains the fine-grained sibling ``tiny-moe-64`` (64 routed experts, top-8,
+``moe_intermediate_size`` 64: the same active expert width per token as tiny-moe) on tiny-moe's
+tokenizer, so both models read the same token ids and their perplexities are comparable.
+
 Usage::
 
     python scripts/train_tiny_moe.py --steps 700 --max-minutes 40
+    python scripts/train_tiny_moe.py --steps 700 --max-minutes 80 --num-experts 64 --top-k 8 \
+        --moe-intermediate 64 --tokenizer-from moeprune/assets/tiny-moe --out /tmp/tiny-moe-64
 """
 
 from __future__ import annotations
@@ -43,8 +49,17 @@ DEFAULT_OUT = REPO / "moeprune" / "assets" / "tiny-moe"
 log = logging.getLogger("train_tiny_moe")
 
 
-def build_tokenizer(cache: Path) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the train split of both domains; cached under ``cache``."""
+def build_tokenizer(cache: Path, reuse: Path | None = None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the train split of both domains; cached under ``cache``.
+
+    ``reuse`` names a directory whose tokenizer is taken as it is (tiny-moe-64 shares tiny-moe's
+    tokenizer, so both models read the same token ids and perplexities are comparable).
+    """
+    if reuse is not None:
+        tok_dir = cache / f"tokenizer-{hashlib.md5((reuse / 'tokenizer.json').read_bytes()).hexdigest()[:10]}"
+        if not (tok_dir / "tokenizer.json").is_file():
+            PreTrainedTokenizerFast.from_pretrained(reuse).save_pretrained(tok_dir)
+        return PreTrainedTokenizerFast.from_pretrained(tok_dir)
     tok_dir = cache / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         tok = Tokenizer(models.BPE())
@@ -69,7 +84,7 @@ def build_tokenizer(cache: Path) -> PreTrainedTokenizerFast:
 
 def token_stream(tok: PreTrainedTokenizerFast, domain: str, cache: Path) -> np.ndarray:
     """All train documents of a domain, tokenised and packed with EOT separators (cached)."""
-    digest = hashlib.md5((cache / "tokenizer" / "tokenizer.json").read_bytes()).hexdigest()[:10]
+    digest = hashlib.md5(tok._tokenizer.to_str().encode()).hexdigest()[:10]
     path = cache / f"{domain}-train-{digest}.npy"
     if path.is_file():
         return np.load(path)
@@ -84,19 +99,21 @@ def token_stream(tok: PreTrainedTokenizerFast, domain: str, cache: Path) -> np.n
     return arr
 
 
-def build_config(tok: PreTrainedTokenizerFast) -> Qwen3MoeConfig:
+def build_config(
+    tok: PreTrainedTokenizerFast, num_experts: int = 16, top_k: int = 2, moe_intermediate: int = 256
+) -> Qwen3MoeConfig:
     eos = tok.eos_token_id
     return Qwen3MoeConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=256,
         intermediate_size=512,
-        moe_intermediate_size=256,
+        moe_intermediate_size=moe_intermediate,
         num_hidden_layers=6,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=64,
-        num_experts=16,
-        num_experts_per_tok=2,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
         norm_topk_prob=True,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
@@ -163,6 +180,11 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/moeprune-train-cache"))
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--num-experts", type=int, default=16)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--moe-intermediate", type=int, default=256)
+    ap.add_argument("--tokenizer-from", type=Path, default=None,
+                    help="reuse this directory's tokenizer instead of training one")
     ap.add_argument("--log-file", type=Path, default=None)
     args = ap.parse_args()
 
@@ -175,11 +197,11 @@ def main() -> None:
     rng = random.Random(args.seed)
     args.cache.mkdir(parents=True, exist_ok=True)
 
-    tok = build_tokenizer(args.cache)
+    tok = build_tokenizer(args.cache, args.tokenizer_from)
     streams = {d: token_stream(tok, d, args.cache) for d in ("code", "prose")}
     log.info("train tokens: code %d, prose %d", len(streams["code"]), len(streams["prose"]))
 
-    config = build_config(tok)
+    config = build_config(tok, args.num_experts, args.top_k, args.moe_intermediate)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters, experts impl %s", n_params / 1e6,
