@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moeprune.io.loading import BUNDLED
 from moeprune.sparsify.config import SparsifyConfig
@@ -51,12 +51,19 @@ class PruneRecipe(BaseModel):
             raise ValueError(f"unknown strategy {value!r}; available: {', '.join(available_strategies())}")
         return value
 
+    @model_validator(mode="after")
+    def _known_params(self) -> "PruneRecipe":
+        # Checked when the recipe is read, before any calibration: a one-line error naming the key.
+        self.strategy_params()
+        return self
+
     def strategy_params(self) -> dict[str, Any]:
-        params = dict(self.params)
-        params.setdefault("budget", self.budget)
-        if self.protect_super is not None:
-            params["protect_super"] = self.protect_super
-        return params
+        """`params` plus the recipe-level options the strategy takes, checked against its signature."""
+        from moeprune.strategies import get_strategy
+
+        spec = get_strategy(self.strategy)
+        common = spec.common_params(self.budget, self.protect_super)
+        return spec.check_params({**common, **self.params})
 
 
 def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PruneRecipe:

@@ -74,12 +74,13 @@ def calibrate_command(model, calibration, samples, seq_len, seed, batch_size, de
 @user_errors
 def plan_command(stats_path, strategy, ratio, budget, protect_super, model_path, output) -> None:
     """Decide which experts to keep, from saved statistics."""
-    stats = ExpertStats.load(stats_path)
     strategy = strategy or "reap"
-    params = {"budget": budget or "layer"}
-    if protect_super is not None:
-        params["protect_super"] = protect_super
-    model = load_model(model_path)[0] if get_strategy(strategy).needs_weights else None
+    spec = get_strategy(strategy)
+    params = spec.common_params(budget or "layer", protect_super)  # checked before any model is loaded
+    if spec.needs_weights and not model_path:
+        raise click.UsageError(f"strategy {strategy} reads expert weights: pass --model CHECKPOINT")
+    stats = ExpertStats.load(stats_path)
+    model = load_model(model_path)[0] if spec.needs_weights else None
     result = plan(stats, strategy, 0.5 if ratio is None else ratio, model=model, **params)
     result.save(output)
     click.echo(f"wrote {output}: experts per layer {result.experts_per_layer}")

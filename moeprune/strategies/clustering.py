@@ -243,7 +243,7 @@ def global_tau(distances: dict[int, torch.Tensor], target: int, min_clusters: in
 
 
 @register_strategy("stun", "STUN stage 1: cluster by router weights with one global threshold; keep one per cluster",
-                   needs_weights=True)
+                   needs_weights=True, in_memory_only=True)
 def stun(
     stats: ExpertStats, ratio: float, model: Any, budget: str = "global", protect_super: bool = False,
     distance: str = "router", merge: bool = False,

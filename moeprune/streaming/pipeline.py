@@ -90,6 +90,7 @@ def prune_offloaded(
     if not path.is_dir():
         raise FileNotFoundError(f"--offload needs a local checkpoint directory; {recipe.model} is not one (download it first)")
     spec = get_strategy(recipe.strategy)
+    spec.check_streamable()  # before any calibration
     if spec.needs_weights:
         raise ValueError(f"strategy {recipe.strategy} reads expert weights from a loaded model; it cannot run with --offload")
     tokenizer = AutoTokenizer.from_pretrained(path)
