@@ -46,6 +46,7 @@ def test_hand_set_experts_and_router():
     assert stats.gate_sum[:3].tolist() == pytest.approx([0.75, 0.75, 0.5])
     assert stats.ean_sum[:3].tolist() == pytest.approx([abs(f[0, 0]), abs(f[0, 1]) + abs(f[1, 1]), abs(f[1, 2])])
     assert stats.reap_sum[1].item() == pytest.approx(0.25 * abs(f[0, 1]) + 0.5 * abs(f[1, 1]))
+    assert stats.reap_sq_sum[1].item() == pytest.approx((0.25 * f[0, 1]) ** 2 + (0.5 * f[1, 1]) ** 2)
     assert stats.max_out[1].item() == pytest.approx(max(abs(f[0, 1]), abs(f[1, 1])))
     assert stats.out_sum[1, 1].item() == pytest.approx(f[0, 1] + f[1, 1])
     assert stats.out_sq[2, 2].item() == pytest.approx(f[1, 2] ** 2)

@@ -10,6 +10,7 @@ Per MoE layer, float64 accumulators over valid (non-padding) calibration tokens:
 | prob_sum         | [E]    | sum of the full router probability p_j over all tokens         |
 | ean_sum          | [E]    | sum of ||f_j(x)||_2 over routed tokens (EAN)                   |
 | reap_sum         | [E]    | sum of g_j(x) * ||f_j(x)||_2 over routed tokens (REAP numerator) |
+| reap_sq_sum      | [E]    | sum of (g_j(x) * ||f_j(x)||_2)^2 over routed tokens (unified criterion, alpha=beta=2) |
 | reap_ref_sum     | [E]    | the same with the REAP reference's softmax gate (differs for sigmoid routers) |
 | max_out          | [E]    | max ||f_j(x)||_inf over routed tokens (super experts)           |
 | max_act          | [E]    | max |a_j(x)| at the down-projection input                      |
@@ -57,6 +58,7 @@ class LayerStats:
                 "prob_sum": z(e),
                 "ean_sum": z(e),
                 "reap_sum": z(e),
+                "reap_sq_sum": z(e),
                 "reap_ref_sum": z(e),
                 "max_out": z(e),
                 "max_act": z(e),

@@ -41,8 +41,10 @@ def score_plan(
     ratio: float,
     budget: str = "layer",
     protect_super: bool = False,
+    demote: Callable[[LayerStats], torch.Tensor] | None = None,
 ) -> Plan:
-    """Shared body of the scoring strategies."""
+    """Shared body of the scoring strategies. `demote(stats)` (a bool mask) ranks those experts
+    below every other, ordered among themselves by routed count (rarely routed experts first)."""
     check_ratio(ratio)
     routing, top_k, n_group = routing_of(stats)
     raw = {i: score(s).double() for i, s in sorted(stats.layers.items())}
@@ -50,6 +52,10 @@ def score_plan(
     ranked = {}
     for i, s in raw.items():
         r = normalise(s, stats.layers[i]) if budget == "global" else s.clone()
+        if demote is not None:
+            low = demote(stats.layers[i])
+            count = stats.layers[i].count.double()
+            r[low] = count[low] / count.max().clamp_min(1) - 1.0  # in [-1, 0): below every real score
         r[protected[i]] = float("inf")
         ranked[i] = r
     if budget == "layer":
