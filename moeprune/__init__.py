@@ -3,7 +3,7 @@
 calibrate -> plan -> apply -> save, on in-memory transformers models, plus a CLI for checkpoints.
 """
 
-__version__ = "0.1.0"
+from moeprune._version import __version__
 
 from moeprune.api import PruneResult, apply, calibrate, plan, prune, save  # noqa: E402
 from moeprune.calibration.stats import ExpertStats  # noqa: E402

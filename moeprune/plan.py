@@ -8,16 +8,31 @@ Output expert slot i of a layer is built from original expert `kept[i]` (the rep
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moeprune import __version__
+import numpy as np
+import torch
+
+from moeprune._version import __version__
 
 
 class PlanError(ValueError):
     """A plan that cannot be applied."""
+
+
+def encode_vectors(vectors: torch.Tensor) -> dict[str, Any]:
+    """JSON-safe payload of a float matrix (novice vectors): base64 little-endian float32."""
+    array = vectors.detach().cpu().to(torch.float32).contiguous().numpy().astype("<f4")
+    return {"shape": list(array.shape), "dtype": "float32", "data": base64.b64encode(array.tobytes()).decode("ascii")}
+
+
+def decode_vectors(payload: dict[str, Any]) -> torch.Tensor:
+    raw = base64.b64decode(payload["data"])
+    return torch.from_numpy(np.frombuffer(raw, dtype="<f4").copy().reshape(payload["shape"]))
 
 
 @dataclass

@@ -10,7 +10,7 @@ from moeprune import apply, calibrate, plan, save
 from moeprune.adapters import find_moe_layers
 from moeprune.apply.merge import read_experts, write_experts
 from moeprune.plan import LayerPlan
-from moeprune.strategies.dern import recombine_neurons
+from moeprune.apply.recombine import recombine_neurons
 from moeprune.testing.tiny_models import random_batch, tiny_model
 from moeprune.testing.checks import logits_of as _logits, safetensors_bytes, router_row_params
 

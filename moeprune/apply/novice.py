@@ -20,20 +20,18 @@ a saved plan applies without the statistics file; each costs H floats per novice
 
 from __future__ import annotations
 
-import base64
 import functools
 import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moeprune.adapters import MoELayer, find_moe_layers
 from moeprune.adapters.layout import EXPERT_COUNT_ATTRS
-from moeprune.plan import LayerPlan, PlanError
+from moeprune.plan import LayerPlan, PlanError, decode_vectors, encode_vectors  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +41,7 @@ MAP_BUFFER = "moeprune_expert_map"
 VECTOR_BUFFER = "moeprune_novice_vectors"
 
 
-# ---- plan payload --------------------------------------------------------------------------
-def encode_vectors(vectors: torch.Tensor) -> dict[str, Any]:
-    array = vectors.detach().to(torch.float32).contiguous().numpy().astype("<f4")
-    return {"shape": list(array.shape), "dtype": "float32", "data": base64.b64encode(array.tobytes()).decode("ascii")}
-
-
-def decode_vectors(payload: dict[str, Any]) -> torch.Tensor:
-    raw = base64.b64decode(payload["data"])
-    return torch.from_numpy(np.frombuffer(raw, dtype="<f4").copy().reshape(payload["shape"]))
-
-
+# ---- plan payload (encoding lives next to the Plan: moeprune.plan) ---------------------------
 def plan_vectors(params: dict[str, Any], layer: int) -> torch.Tensor | None:
     payload = (params or {}).get("novice_vectors", {}).get(str(layer))
     return None if payload is None else decode_vectors(payload)

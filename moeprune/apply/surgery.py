@@ -72,7 +72,7 @@ def _prepare_layer(model: nn.Module, layer: MoELayer, lp: LayerPlan, params: dic
                      router=params.get("merge_router", "representative"))
     # --- DERN: merge dropped experts' neurons into retained ones (moeprune.strategies.dern) ---
     if params.get("dern_threshold") is not None:
-        from moeprune.strategies.dern import recombine_neurons
+        from moeprune.apply.recombine import recombine_neurons
 
         recombine_neurons(layer, lp, float(params["dern_threshold"]))
     # --- end DERN ---

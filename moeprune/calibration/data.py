@@ -1,6 +1,6 @@
 """Calibration token batches: resolve a source, tokenise, pack into fixed-length sequences.
 
-Sources are the spec strings shared with evaluation (`moeprune.evaluation.text_sources.load_texts`):
+Sources are the spec strings shared with evaluation (`moeprune.data.texts.load_texts`):
 `builtin:code`, `builtin:prose`, `builtin:mixed` (the offline stdlib corpora, train split), a local
 .txt/.jsonl file, or a Hugging Face dataset name. Documents are shuffled with the seed, joined with
 the eos token and cut into non-overlapping windows of `seq_len` tokens; `samples` windows are drawn
@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from moeprune.evaluation.perplexity import encode_texts
+from moeprune.data.texts import encode_texts, load_texts
 
 POOL_FACTOR = 8
 
@@ -41,7 +41,5 @@ def pack_documents(tokenizer, texts: list[str], samples: int, seq_len: int, seed
 
 def calibration_ids(source: str, tokenizer, samples: int = 64, seq_len: int = 256, seed: int = 0) -> torch.Tensor:
     """Resolve `source` and pack it (builtin corpora use their train split)."""
-    from moeprune.evaluation.text_sources import load_texts
-
     texts = load_texts(source, split="train")
     return pack_documents(tokenizer, texts, samples, seq_len, seed)

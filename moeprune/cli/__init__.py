@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from moeprune import __version__
+from moeprune._version import __version__
 from moeprune.cli.inspect_cmd import inspect_command
 from moeprune.cli.pipeline_cmds import apply_command, calibrate_command, plan_command, prune_command
 

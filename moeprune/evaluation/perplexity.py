@@ -16,22 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-
-def encode_texts(tokenizer, texts: list[str], max_tokens: int | None = None) -> torch.Tensor:
-    """Tokenise ``texts`` and join them with the eos token id; returns a 1-D LongTensor."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id; cannot join documents")
-    ids: list[int] = []
-    for i, text in enumerate(texts):
-        if i:
-            ids.append(eos)
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if max_tokens is not None and len(ids) >= max_tokens:
-            break
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    return torch.tensor(ids, dtype=torch.long)
+from moeprune.data.texts import encode_texts  # noqa: F401  (re-exported: evaluation API)
 
 
 def iter_windows(ids: torch.Tensor, seq_len: int, batch_size: int) -> Iterator[torch.Tensor]:

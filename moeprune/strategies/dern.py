@@ -5,7 +5,7 @@ A reconstruction from the paper's description; no official code was found.
 1. Plan: drop the floor(E * ratio) experts with the least soft frequency (total gate mass), per
    layer (per routing group for group-limited routers). The plan's `scores` keep each expert's
    gate mass and `params["dern_threshold"]` the similarity threshold.
-2. Apply (`recombine_neurons`, called by `apply_plan` before slicing): split every dropped expert
+2. Apply (`moeprune.apply.recombine.recombine_neurons`, run by `apply_plan` before slicing): split every dropped expert
    into neuron segments (W_gate[c, :], W_up[c, :], W_down[:, c], + gate/up biases). A segment goes
    to the retained expert holding the neuron most similar to it (cosine over the concatenated
    gate and up rows), if that cosine is above the threshold (default 0.4); otherwise it is
@@ -19,21 +19,12 @@ The down-projection bias (gpt-oss) belongs to the expert and is left unchanged.
 
 from __future__ import annotations
 
-import logging
-
-import torch
-
-from moeprune.adapters import MoELayer
-from moeprune.apply.merge import read_experts, write_experts
 from moeprune.calibration.stats import ExpertStats, LayerStats
-from moeprune.plan import LayerPlan, Plan, PlanError
+from moeprune.plan import Plan, PlanError
 from moeprune.strategies.registry import register_strategy
 from moeprune.strategies.scoring import score_plan
 
-logger = logging.getLogger(__name__)
-
 DEFAULT_THRESHOLD = 0.4
-ROW_KEYS = ("gate", "up", "gate_bias", "up_bias")
 
 
 @register_strategy("dern", "drop low-frequency experts and merge their neurons into similar retained neurons (DERN)")
@@ -47,57 +38,3 @@ def dern(
     result = score_plan(stats, "dern", LayerStats.soft_frequency, per_token, ratio, budget, protect_super)
     result.params["dern_threshold"] = float(threshold)
     return result
-
-
-def _segments(t: dict[str, torch.Tensor], experts: list[int]) -> dict[str, torch.Tensor]:
-    """Per-neuron rows of `experts`, flattened to [len(experts) * I, ...]."""
-    out = {k: t[k][experts].reshape(-1, *t[k].shape[2:]).double() for k in ROW_KEYS if k in t}
-    out["down"] = t["down"][experts].transpose(1, 2).reshape(-1, t["down"].shape[1]).double()  # columns as rows
-    return out
-
-
-def _similarity_features(seg: dict[str, torch.Tensor]) -> torch.Tensor:
-    parts = [seg[k] for k in ("gate", "up") if k in seg]
-    f = torch.cat(parts, dim=1)
-    return f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def recombine_neurons(layer: MoELayer, lp: LayerPlan, threshold: float = DEFAULT_THRESHOLD) -> int:
-    """Merge the dropped experts' neurons into the retained experts of `layer` (in place, before
-    slicing). Returns the number of segments assigned."""
-    dropped = lp.dropped
-    if threshold >= 1.0 or not dropped:
-        return 0
-    t = read_experts(layer)
-    e, width = layer.num_experts, layer.layout.intermediate_dim
-    mass = torch.tensor(lp.scores, dtype=torch.float64) if lp.scores else torch.ones(e, dtype=torch.float64)
-    mass = mass.clamp_min(1e-12)
-    kept = list(lp.kept)
-    own = _segments(t, kept)
-    weight = mass[kept].repeat_interleave(width)
-    sums = {k: v * weight.unsqueeze(1) if v.dim() == 2 else v * weight for k, v in own.items()}
-    total = weight.clone()
-    centres = _similarity_features(own)
-    assigned = 0
-    for d in dropped:
-        seg = _segments(t, [d])
-        cos = _similarity_features(seg) @ centres.T  # [I, len(kept) * I]
-        best, target = cos.max(dim=1)
-        take = best > threshold
-        if not take.any():
-            continue
-        target, w = target[take], mass[d]
-        for k, v in seg.items():
-            sums[k].index_add_(0, target, v[take] * w)
-        total.index_add_(0, target, torch.full((int(take.sum()),), float(w), dtype=torch.float64))
-        assigned += int(take.sum())
-    for k, v in sums.items():
-        merged = v / (total.unsqueeze(1) if v.dim() == 2 else total)
-        if k == "down":
-            merged = merged.reshape(len(kept), width, -1).transpose(1, 2)
-        else:
-            merged = merged.reshape(len(kept), width, *t[k].shape[2:])
-        t[k][kept] = merged.to(t[k].dtype)
-    write_experts(layer, t)
-    logger.info("layer %d: %d neuron segments of %d dropped experts recombined", lp.layer, assigned, len(dropped))
-    return assigned

@@ -14,11 +14,10 @@ from __future__ import annotations
 import torch
 
 from moeprune.calibration.stats import ExpertStats, LayerStats
-from moeprune.plan import LayerPlan, Plan, PlanError
+from moeprune.plan import LayerPlan, Plan, PlanError, encode_vectors
 from moeprune.strategies.registry import register_strategy
 from moeprune.strategies.selection import check_ratio, routing_of, select_uniform
 from moeprune.strategies.super_experts import super_experts
-from moeprune.apply.novice import encode_vectors
 
 
 def redundancy_score(stats: LayerStats) -> torch.Tensor:
