@@ -65,7 +65,8 @@ def prune(
     ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed)
     dense = max(cal.dense_tokens, spec.dense_tokens)
     meta = {"source": cal.source, "seed": cal.seed, "num_hidden_layers": model.config.get_text_config().num_hidden_layers}
-    stats = calibrate(model, ids, batch_size=cal.batch_size, dense_tokens=dense, progress=progress, meta=meta)
+    stats = calibrate(model, ids, batch_size=cal.batch_size, dense_tokens=dense, progress=progress, meta=meta,
+                      sample_tokens=spec.sample_tokens(recipe.strategy_params()), sample_seed=cal.seed)
     result_plan = plan(stats, recipe.strategy, recipe.ratio, model=model, **recipe.strategy_params())
     apply_plan(model, result_plan)
     if recipe.sparsify is not None:

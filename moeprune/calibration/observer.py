@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from moeprune.adapters import MoELayer, find_moe_layers
 from moeprune.calibration.capture import patch_forward, run_experts
 from moeprune.calibration.stats import ExpertStats, LayerStats
+from moeprune.calibration.token_sample import TokenSampler
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +32,11 @@ class Observer:
     is E x dense_tokens expert evaluations per layer.
     """
 
-    def __init__(self, model: nn.Module, dense_tokens: int = 0) -> None:
+    def __init__(self, model: nn.Module, dense_tokens: int = 0, sample_tokens: int = 0, sample_seed: int = 0) -> None:
         self.model = model
         self.layers: list[MoELayer] = find_moe_layers(model)
         self.dense_tokens = int(dense_tokens)
+        self.sample_tokens, self.sample_seed = int(sample_tokens), int(sample_seed)  # NAEE (token_sample.py)
         self.mask: torch.Tensor | None = None
         self.stats: dict[int, LayerStats] = {}
         self._logits: dict[int, torch.Tensor] = {}  # last router logits per layer, for reference gates
@@ -62,6 +64,9 @@ class Observer:
             handle = layer.router.register_forward_hook(self._router_hook(layer, stats))
             self._undo.append(handle.remove)
             self._undo.append(patch_forward(layer.experts, self._experts_sink(layer, stats)))
+            if self.sample_tokens > 0:  # seeded token sample with expert-output Gram matrices (NAEE)
+                sampler = TokenSampler([layer], self.stats, self.sample_tokens, self.sample_seed, self._valid)
+                self._undo.append(sampler.__enter__().__exit__)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -173,8 +178,13 @@ def calibrate(
     dense_tokens: int = 0,
     progress: bool = True,
     meta: dict | None = None,
+    sample_tokens: int = 0,
+    sample_seed: int = 0,
 ) -> ExpertStats:
     """Run `data` through `model` once and return the statistics of every MoE layer.
+
+    `sample_tokens` > 0 also keeps a seeded sample of that many tokens per layer with every
+    expert's output Gram matrix (what NAEE scores subsets on; `token_sample.py`).
 
     `data` is a LongTensor of token ids [n, seq_len] (no padding) or an iterable of batches with
     `input_ids` and optional `attention_mask`.
@@ -191,7 +201,7 @@ def calibrate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    observer = Observer(model, dense_tokens=dense_tokens)
+    observer = Observer(model, dense_tokens=dense_tokens, sample_tokens=sample_tokens, sample_seed=sample_seed)
     with observer, torch.no_grad():
         for batch in tqdm(batches, desc="calibrating", disable=not progress, unit="batch"):
             ids = batch["input_ids"].to(device)
@@ -201,5 +211,7 @@ def calibrate(
             model(input_ids=ids, attention_mask=None if mask is None else mask.to(device), use_cache=False, logits_to_keep=1)
     model.train(was_training)
     info = {"sequences": int(sequences), "seq_len": int(seq_len), "dense_tokens": int(dense_tokens)}
+    if sample_tokens:
+        info.update(sample_tokens=int(sample_tokens), sample_seed=int(sample_seed))
     info.update(meta or {})
     return observer.result(info)

@@ -7,6 +7,7 @@ can refuse early, before calibration, what it cannot do:
 - `needs_calibration`: reads routing/expert statistics (every built-in strategy does);
 - `needs_weights`: reads the loaded model's expert weights (passed as `model=`);
 - `dense_tokens`: calibration must also run every expert on this many tokens per layer;
+- a `sample_tokens` parameter: calibration keeps a token sample with expert-output Gram matrices;
 - `in_memory_only`: the streamed (`--offload`) path cannot apply its plans.
 
 Parameters are checked against the function's signature (`StrategySpec.check_params`) when a
@@ -77,6 +78,14 @@ class StrategySpec:
                                 f"{', '.join(self.parameters) or 'none'}")
             out["protect_super"] = protect_super
         return out
+
+    def sample_tokens(self, params: dict[str, Any] | None = None) -> int:
+        """Tokens per layer calibration must sample with expert-output Gram matrices for this strategy
+        (`calibration/token_sample.py`, NAEE): its `sample_tokens` parameter, 0 if it has none."""
+        if "sample_tokens" not in self.parameters:
+            return 0
+        default = self.defaults.get("sample_tokens", self.parameters["sample_tokens"].default)
+        return int((params or {}).get("sample_tokens", default))
 
     def check_streamable(self) -> None:
         """Refuse, before any work, a strategy the streamed (`--offload`) path cannot run."""

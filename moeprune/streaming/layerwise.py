@@ -180,12 +180,14 @@ def streamed_calibrate(
     device: str | torch.device = "cpu",
     on_layer_done: Callable[[int], None] | None = None,
     fingerprint_extra: dict | None = None,
+    sample_tokens: int = 0,
+    sample_seed: int = 0,
 ) -> ExpertStats:
     """`calibrate` for checkpoint directory `path` without loading the whole model.
 
     `memory_budget` bounds the hidden states kept in memory (the rest spill to disk); `work_dir`
     makes the run resumable (`resume=True` continues a killed run); `on_layer_done(i)` is called
-    after decoder layer i is committed (a test hook).
+    after decoder layer i is committed (a test hook); `sample_tokens`/`sample_seed` as in `calibrate`.
     """
     path, device = Path(path), torch.device(device)
     batches = _as_batches(data, batch_size)
@@ -197,10 +199,11 @@ def streamed_calibrate(
     scratch = None if work_dir is not None else tempfile.TemporaryDirectory(prefix="moeprune-acts-")
     work = None
     if work_dir is not None:
-        fp = _fingerprint(path, batches, batch_size, dense_tokens, dtype, fingerprint_extra or {})
+        extra = {**(fingerprint_extra or {}), **({"sample": [sample_tokens, sample_seed]} if sample_tokens else {})}
+        fp = _fingerprint(path, batches, batch_size, dense_tokens, dtype, extra)
         work = WorkDir(work_dir, fp, resume)
     done = work.done() if work is not None else -1
-    observer = Observer(model, dense_tokens=dense_tokens)
+    observer = Observer(model, dense_tokens=dense_tokens, sample_tokens=sample_tokens, sample_seed=sample_seed)
     started = time.perf_counter()
     with observer, torch.no_grad():
         if work is not None and done >= 0:
@@ -267,6 +270,8 @@ def streamed_calibrate(
     info = {"sequences": int(sequences), "seq_len": int(seq_len), "dense_tokens": int(dense_tokens),
             "stream_seconds": {"load": round(load_s, 3), "forward": round(forward_s, 3),
                                "total": round(time.perf_counter() - started, 3)}}
+    if sample_tokens:
+        info.update(sample_tokens=int(sample_tokens), sample_seed=int(sample_seed))
     info.update(meta or {})
     return observer.result(info)
 

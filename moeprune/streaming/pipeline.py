@@ -105,6 +105,7 @@ def prune_offloaded(
     stats = streamed_calibrate(
         path, ids, batch_size=cal.batch_size, dense_tokens=max(cal.dense_tokens, spec.dense_tokens), progress=progress,
         meta=meta, work_dir=work_dir, resume=resume, memory_budget=memory_budget,
+        sample_tokens=spec.sample_tokens(recipe.strategy_params()), sample_seed=cal.seed,
     )
     result_plan = plan(stats, recipe.strategy, recipe.ratio, **recipe.strategy_params())
     output = None
