@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from moeprune.apply.surgery import apply_plan
 from moeprune.calibration.data import calibration_ids
 from moeprune.calibration.observer import calibrate
 from moeprune.calibration.stats import ExpertStats
+from moeprune.auto.config import AUTO
 from moeprune.config import PruneRecipe
 from moeprune.io.checkpoint import save_pruned
 from moeprune.io.loading import load_model
@@ -45,9 +47,10 @@ def save(model: nn.Module, output_dir: str | Path, plan: Plan | None = None, tok
 class PruneResult:
     model: nn.Module
     tokenizer: Any
-    stats: ExpertStats
+    stats: ExpertStats | None  # None for calibration-free strategies (aimer)
     plan: Plan
     output: Path | None
+    report: dict | None = None  # strategy auto: the candidates' comparison (moeprune_report.json)
 
 
 def prune(
@@ -60,14 +63,25 @@ def prune(
         model, tokenizer, source_path = load_model(recipe.model)
     if tokenizer is None:
         raise ValueError("calibration needs a tokenizer; the model directory has none")
-    spec = get_strategy(recipe.strategy)
+    spec = None if recipe.strategy == AUTO else get_strategy(recipe.strategy)
     cal = recipe.calibration
-    ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed)
-    dense = max(cal.dense_tokens, spec.dense_tokens)
-    meta = {"source": cal.source, "seed": cal.seed, "num_hidden_layers": model.config.get_text_config().num_hidden_layers}
-    stats = calibrate(model, ids, batch_size=cal.batch_size, dense_tokens=dense, progress=progress, meta=meta,
-                      sample_tokens=spec.sample_tokens(recipe.strategy_params()), sample_seed=cal.seed)
-    result_plan = plan(stats, recipe.strategy, recipe.ratio, model=model, **recipe.strategy_params())
+    needs_ids = spec is None or spec.needs_calibration or recipe.sparsify is not None
+    ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed) if needs_ids else None
+    stats, auto = None, None
+    if spec is None:  # strategy auto: one calibration pass, every candidate scored on held-out sequences
+        from moeprune.auto.select import auto_select
+
+        auto = auto_select(model, recipe, ids, progress=progress)
+        stats, ids = auto.stats, auto.planning_ids
+    elif spec.needs_calibration:  # calibration-free strategies (aimer) skip the pass entirely
+        dense = max(cal.dense_tokens, spec.dense_tokens)
+        meta = {"source": cal.source, "seed": cal.seed, "num_hidden_layers": model.config.get_text_config().num_hidden_layers}
+        stats = calibrate(model, ids, batch_size=cal.batch_size, dense_tokens=dense, progress=progress, meta=meta,
+                          sample_tokens=spec.sample_tokens(recipe.strategy_params()), sample_seed=cal.seed)
+    if auto is not None:
+        result_plan = auto.plan
+    else:
+        result_plan = plan(stats, recipe.strategy, recipe.ratio, model=model, **recipe.strategy_params())
     apply_plan(model, result_plan)
     if recipe.sparsify is not None:
         from moeprune.sparsify.run import sparsify
@@ -79,6 +93,10 @@ def prune(
             model, recipe.output, plan=result_plan, tokenizer=tokenizer,
             recipe=recipe.model_dump(mode="json"), input_dir=source_path, overwrite=overwrite,
         )
-    return PruneResult(model, tokenizer, stats, result_plan, output)
+        if auto is not None:
+            from moeprune.auto.select import REPORT_FILE
+
+            (Path(output) / REPORT_FILE).write_text(json.dumps(auto.report, indent=1))
+    return PruneResult(model, tokenizer, stats, result_plan, output, auto.report if auto is not None else None)
 
 

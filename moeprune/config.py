@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from moeprune.io.loading import BUNDLED
 from moeprune.sparsify.config import SparsifyConfig
+from moeprune.auto.config import AUTO, AutoConfig
 
 
 class CalibrationConfig(BaseModel):
@@ -41,13 +42,14 @@ class PruneRecipe(BaseModel):
     evaluate: bool = False
     eval_max_tokens: int = Field(32768, ge=16)
     sparsify: SparsifyConfig | None = None  # intra-expert pruning after the plan (moeprune.sparsify)
+    auto: AutoConfig | None = None  # strategy: auto -- candidates, budgets, validation split (moeprune.auto)
 
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
         from moeprune.strategies import available_strategies
 
-        if value not in available_strategies():
+        if value != AUTO and value not in available_strategies():
             raise ValueError(f"unknown strategy {value!r}; available: {', '.join(available_strategies())}")
         return value
 
@@ -61,6 +63,11 @@ class PruneRecipe(BaseModel):
         """`params` plus the recipe-level options the strategy takes, checked against its signature."""
         from moeprune.strategies import get_strategy
 
+        if self.strategy == AUTO:  # params are keyed by candidate; each candidate's are checked
+            from moeprune.auto.config import check_auto_recipe
+
+            check_auto_recipe(self)
+            return {}
         spec = get_strategy(self.strategy)
         common = spec.common_params(self.budget, self.protect_super)
         return spec.check_params({**common, **self.params})

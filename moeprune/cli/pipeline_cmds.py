@@ -19,6 +19,7 @@ from moeprune.plan import Plan
 from moeprune.strategies import available_strategies, get_strategy, plan
 from moeprune.apply.surgery import apply_plan
 from moeprune.sparsify.cli_options import sparsify_options
+from moeprune.auto.cli_options import auto_options
 
 
 def _calibration_options(fn):
@@ -36,7 +37,8 @@ def _calibration_options(fn):
 
 def _strategy_options(fn):
     options = [
-        click.option("--strategy", type=click.Choice(available_strategies()), help="Planning strategy."),
+        click.option("--strategy", type=click.Choice(available_strategies() + ["auto"]),
+                     help="Planning strategy; auto compares candidates by KL to the dense model (prune only)."),
         click.option("--ratio", type=float, help="Share of experts removed, in [0, 1)."),
         click.option("--budget", type=click.Choice(["layer", "global"]), help="Uniform per layer, or one global budget."),
         click.option("--protect-super/--no-protect-super", default=None, help="Never drop super experts (default on for REAP)."),
@@ -109,6 +111,7 @@ def apply_command(model, plan_path, output, overwrite) -> None:
 @click.option("--output", "-o", type=click.Path(), help="Output checkpoint directory.")
 @click.option("--eval/--no-eval", "evaluate", default=None, help="Print dense vs pruned held-out perplexity.")
 @sparsify_options
+@auto_options
 @click.option("--offload/--no-offload", default=None,
               help="Stream the checkpoint layer by layer (default: automatic when it does not fit in memory).")
 @click.option("--resume", is_flag=True, help="With --offload: continue a killed run from its last finished layer.")
@@ -117,14 +120,14 @@ def apply_command(model, plan_path, output, overwrite) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory (atomically, when complete).")
 @user_errors
 def prune_command(model, config_path, strategy, ratio, budget, protect_super, calibration, samples, seq_len, seed,
-                  batch_size, output, evaluate, sparsify_overrides, offload, resume, memory_budget, work_dir,
+                  batch_size, output, evaluate, sparsify_overrides, auto_overrides, offload, resume, memory_budget, work_dir,
                   overwrite) -> None:
     """Calibrate, plan, apply and save in one go."""
     recipe = load_recipe(config_path, {
         "model": model, "strategy": strategy, "ratio": ratio, "budget": budget, "protect_super": protect_super,
         "calibration.source": calibration, "calibration.samples": samples, "calibration.seq_len": seq_len,
         "calibration.seed": seed, "calibration.batch_size": batch_size, "output": output, "evaluate": evaluate,
-        **sparsify_overrides,
+        **sparsify_overrides, **auto_overrides,
     })
     if not recipe.output:
         raise click.UsageError("--output is required (or `output:` in the recipe)")
@@ -138,6 +141,8 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
 
         if recipe.evaluate or recipe.sparsify is not None:
             raise click.UsageError("--eval and intra-expert sparsification need the model in memory; drop --offload")
+        if recipe.strategy == "auto":
+            raise click.UsageError("--strategy auto compares candidates on copies of the loaded model; drop --offload")
         result = prune_offloaded(recipe, work_dir=work_dir, resume=resume, memory_budget=memory_budget, overwrite=overwrite)
         click.echo(f"strategy {recipe.strategy}, ratio {recipe.ratio}: experts per layer {result.plan.experts_per_layer}")
         click.echo(f"wrote {result.output} (streamed)")
@@ -156,6 +161,10 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
         done = result.plan.params["sparsity"]
         click.echo(f"intra-expert {done['method']}: expert sparsity {done['expert_sparsity']:.3f}, "
                    f"total with expert removal {done['total_sparsity']:.3f}")
+    if result.report is not None:
+        from moeprune.auto.select import format_report
+
+        click.echo(format_report(result.report))
     click.echo(f"wrote {result.output}")
     if dense_ppl is not None:
         from moeprune.cli.prune_eval import heldout_perplexities

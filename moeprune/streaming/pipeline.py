@@ -59,7 +59,7 @@ def should_offload(path: str | Path, fraction: float = 0.7) -> bool:
 
 @dataclass
 class OffloadResult:
-    stats: ExpertStats
+    stats: ExpertStats | None  # None for calibration-free strategies
     plan: Plan
     output: Path | None
 
@@ -91,6 +91,16 @@ def prune_offloaded(
         raise FileNotFoundError(f"--offload needs a local checkpoint directory; {recipe.model} is not one (download it first)")
     spec = get_strategy(recipe.strategy)
     spec.check_streamable()  # before any calibration
+    if not spec.needs_calibration:  # calibration-free (AIMER): read only expert weights from the shards
+        from moeprune.streaming.expert_reader import LazyExpertWeights
+
+        with LazyExpertWeights(path) as weights:
+            result_plan = plan(None, recipe.strategy, recipe.ratio, model=weights, **recipe.strategy_params())
+        output = None
+        if recipe.output:
+            output = streamed_apply(path, result_plan, recipe.output, overwrite=overwrite, max_shard_size=max_shard_size,
+                                    recipe=recipe.model_dump(mode="json"), progress=progress)
+        return OffloadResult(None, result_plan, output)
     if spec.needs_weights:
         raise ValueError(f"strategy {recipe.strategy} reads expert weights from a loaded model; it cannot run with --offload")
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,1 @@
+"""`--strategy auto`: plan with several strategies and keep the one closest to the dense model."""
