@@ -33,9 +33,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["calibrate", "plan", "apply", "save", "prune", "PruneResult"]
 
 
-def apply(model: nn.Module, plan_: Plan) -> nn.Module:
-    """Edit `model` in place to follow the plan."""
-    return apply_plan(model, plan_)
+def apply(model: nn.Module, plan_: Plan, force: bool = False) -> nn.Module:
+    """Edit `model` in place to follow the plan (made for this model, unless `force`)."""
+    return apply_plan(model, plan_, force=force)
 
 
 def save(model: nn.Module, output_dir: str | Path, plan: Plan | None = None, tokenizer: Any = None, **kwargs: Any) -> Path:
@@ -57,36 +57,74 @@ def prune(
     recipe: PruneRecipe, model: nn.Module | None = None, tokenizer: Any = None, progress: bool = True,
     overwrite: bool = False,
 ) -> PruneResult:
-    """Run a whole recipe: load (unless `model` is given), calibrate, plan, apply, save."""
+    """Run a whole recipe: load (unless `model` is given), calibrate, plan, apply, save.
+
+    Everything about the output and the inputs is checked before the model is loaded or any
+    calibration runs (`moeprune.io.output_policy`, `moeprune.io.input_checks`)."""
+    from moeprune.fingerprint import model_fingerprint
+    from moeprune.io.input_checks import check_seq_len, check_text_source
+    from moeprune.io.loading import resolve_model_path, set_trust_remote_code
+    from moeprune.io.output_policy import check_output
+    from moeprune.nonfinite import check_stats, check_weights, exclude_from_plan
+
+    if recipe.trust_remote_code:
+        set_trust_remote_code(True)
+    check_text_source(recipe.calibration.source)
     source_path = None
+    if recipe.output:
+        source = resolve_model_path(recipe.model) if model is None else getattr(model, "name_or_path", None)
+        check_output(recipe.output, [source], kind="checkpoint", overwrite=overwrite)
     if model is None:
-        model, tokenizer, source_path = load_model(recipe.model)
+        model, tokenizer, source_path = load_model(recipe.model, dtype=recipe.dtype)
     if tokenizer is None:
         raise ValueError("calibration needs a tokenizer; the model directory has none")
     spec = None if recipe.strategy == AUTO else get_strategy(recipe.strategy)
     cal = recipe.calibration
-    needs_ids = spec is None or spec.needs_calibration or recipe.sparsify is not None
+    check_seq_len(model.config, cal.seq_len)
+    excluded = check_weights(model, allow=recipe.allow_nonfinite)
+    fingerprint = model_fingerprint(model)
+    needs_ids = spec is None or spec.needs_calibration or recipe.sparsify is not None or recipe.router_kd is not None
     ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed) if needs_ids else None
     stats, auto = None, None
     if spec is None:  # strategy auto: one calibration pass, every candidate scored on held-out sequences
         from moeprune.auto.select import auto_select
 
-        auto = auto_select(model, recipe, ids, progress=progress)
+        auto = auto_select(model, recipe, ids, progress=progress, meta={"fingerprint": fingerprint})
         stats, ids = auto.stats, auto.planning_ids
     elif spec.needs_calibration:  # calibration-free strategies (aimer) skip the pass entirely
         dense = max(cal.dense_tokens, spec.dense_tokens)
-        meta = {"source": cal.source, "seed": cal.seed, "num_hidden_layers": model.config.get_text_config().num_hidden_layers}
+        meta = {"source": cal.source, "seed": cal.seed, "num_hidden_layers": model.config.get_text_config().num_hidden_layers,
+                "fingerprint": fingerprint}
         stats = calibrate(model, ids, batch_size=cal.batch_size, dense_tokens=dense, progress=progress, meta=meta,
                           sample_tokens=spec.sample_tokens(recipe.strategy_params()), sample_seed=cal.seed)
+    kd_prep = None
+    if recipe.router_kd is not None:  # cache the dense model's outputs before compression edits it in place
+        from moeprune.recover.run import prepare_router_kd
+
+        kd_prep = prepare_router_kd(model, tokenizer, recipe.router_kd, cal.source, cal.seq_len, cal.seed,
+                                    planning_ids=ids, batch_size=cal.batch_size, progress=progress)
+    for index, experts in (check_stats(stats, allow=recipe.allow_nonfinite) if stats is not None else {}).items():
+        excluded[index] = sorted(set(excluded.get(index, [])) | set(experts))
     if auto is not None:
         result_plan = auto.plan
     else:
         result_plan = plan(stats, recipe.strategy, recipe.ratio, model=model, **recipe.strategy_params())
+    exclude_from_plan(result_plan, excluded)
+    if result_plan.non_uniform_note():
+        logger.warning(result_plan.non_uniform_note())
     apply_plan(model, result_plan)
     if recipe.sparsify is not None:
         from moeprune.sparsify.run import sparsify
 
         sparsify(model, ids, plan=result_plan, batch_size=cal.batch_size, progress=progress, **recipe.sparsify.kwargs())
+    if kd_prep is not None:
+        from moeprune.recover.run import run_router_kd
+
+        result_plan.params["router_kd"] = run_router_kd(model, kd_prep, progress=progress)
+    if recipe.dynamic_skip:  # NAEE dynamic skipping, fitted on the compressed model (apply/dynamic_skip.py)
+        from moeprune.apply.dynamic_skip import calibrate_dynamic_skip
+
+        result_plan.params["dynamic_skip"] = calibrate_dynamic_skip(model, ids, batch_size=cal.batch_size, progress=progress)
     output = None
     if recipe.output:
         output = save_pruned(

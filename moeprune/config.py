@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from moeprune.io.loading import BUNDLED
 from moeprune.sparsify.config import SparsifyConfig
 from moeprune.auto.config import AUTO, AutoConfig
+from moeprune.recover.config import RouterKDConfig
 
 
 class CalibrationConfig(BaseModel):
@@ -42,7 +43,12 @@ class PruneRecipe(BaseModel):
     evaluate: bool = False
     eval_max_tokens: int = Field(32768, ge=16)
     sparsify: SparsifyConfig | None = None  # intra-expert pruning after the plan (moeprune.sparsify)
+    dynamic_skip: bool = False  # NAEE dynamic expert skipping at inference (moeprune.apply.dynamic_skip)
     auto: AutoConfig | None = None  # strategy: auto -- candidates, budgets, validation split (moeprune.auto)
+    router_kd: RouterKDConfig | None = None  # router calibration after compression (moeprune.recover)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: the checkpoint's own dtype
+    trust_remote_code: bool = False  # run the checkpoint's own Python code (auto_map); never by default
+    allow_nonfinite: bool = False  # drop (and report) experts with NaN/Inf weights instead of failing
 
     @field_validator("strategy")
     @classmethod
@@ -78,7 +84,12 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
     fields, e.g. {"calibration.samples": 16}."""
     data: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ValueError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}; fix the recipe") from err
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a recipe must be a YAML mapping")
         data = loaded

@@ -62,24 +62,21 @@ def slice_layer(layer: MoELayer, kept: list[int]) -> None:
 
 
 def _prepare_layer(model: nn.Module, layer: MoELayer, lp: LayerPlan, params: dict | None = None) -> None:
-    """Merge groups / recombine neurons / install novices before slicing (strategies that need it
-    provide the code; their options come from the plan's params)."""
-    params = params or {}
-    if lp.groups and any(len(g) > 1 for g in lp.groups):
+    """Run the layer's operations that come before slicing, from the plan's structure alone
+    (`LayerPlan`: merge groups, neuron recombination, novices). `params` is accepted for old
+    callers and ignored: apply never reads strategy parameters."""
+    if lp.merges:
         from moeprune.apply.merge import merge_groups
 
-        merge_groups(layer, lp, align=bool(params.get("merge_align", False)),
-                     router=params.get("merge_router", "representative"))
-    # --- DERN: merge dropped experts' neurons into retained ones (moeprune.strategies.dern) ---
-    if params.get("dern_threshold") is not None:
+        merge_groups(layer, lp, align=bool(lp.merge_align), router=lp.merge_router or "representative")
+    if lp.recombine_threshold is not None:
         from moeprune.apply.recombine import recombine_neurons
 
-        recombine_neurons(layer, lp, float(params["dern_threshold"]))
-    # --- end DERN ---
+        recombine_neurons(layer, lp, float(lp.recombine_threshold))
     if lp.novices:  # slices the experts itself; the router keeps all rows (moeprune.apply.novice)
-        from moeprune.apply.novice import install_novices, plan_vectors
+        from moeprune.apply.novice import install_novices
 
-        install_novices(model, layer, lp, plan_vectors(params, lp.layer))
+        install_novices(model, layer, lp, lp.novice_matrix())
 
 
 def set_expert_count(model: nn.Module, counts: dict[int, int]) -> None:
@@ -106,21 +103,16 @@ def set_expert_count(model: nn.Module, counts: dict[int, int]) -> None:
             setattr(model, attr, count)
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
-    """Edit `model` in place to follow `plan`; returns the model."""
+def apply_plan(model: nn.Module, plan: Plan, force: bool = False) -> nn.Module:
+    """Edit `model` in place to follow `plan`; returns the model.
+
+    The plan must have been made for this model (`Plan.check_model`: fingerprint, every MoE layer,
+    counts and groups against the model's routing); `force=True` applies it anyway, with a warning."""
+    from moeprune.fingerprint import model_fingerprint
+
     plan.validate()
     layers = {layer.layer: layer for layer in find_moe_layers(model)}
-    missing = sorted(set(plan.layers) - set(layers))
-    if missing:
-        raise PlanError(f"plan names MoE layers {missing} that the model does not have (has {sorted(layers)})")
-    for index, lp in plan.layers.items():
-        if layers[index].num_experts != lp.num_experts:
-            raise PlanError(
-                f"layer {index}: plan was made for {lp.num_experts} experts but the model has "
-                f"{layers[index].num_experts}; was it already pruned?"
-            )
-        if layers[index].routing.top_k > lp.num_kept:
-            raise PlanError(f"layer {index}: top-k {layers[index].routing.top_k} > {lp.num_kept} kept experts")
+    plan.check_model(layers, model_fingerprint(model) if plan.model else None, force=force)
     for index, lp in sorted(plan.layers.items()):
         layer = layers[index]
         _prepare_layer(model, layer, lp, plan.params)

@@ -11,19 +11,22 @@ import logging
 import click
 import torch
 
+from moeprune.cli.errors import user_errors
+from moeprune.cli.load_options import load_options
 from moeprune.evaluation.agreement import compare_models
 from moeprune.evaluation.perplexity import encode_texts, perplexity_from_ids
 from moeprune.evaluation.report import print_table, write_csv, write_json
 from moeprune.evaluation.text_sources import load_texts
 
 log = logging.getLogger(__name__)
+_LOAD = {"dtype": "auto"}  # --dtype of the running command (load_options)
 
 
 def _load(path: str):
     """Load a model and its tokenizer: builtin names, stock and moeprune (non-uniform, novice) outputs."""
     from moeprune.io.loading import load_model
 
-    model, tokenizer, _ = load_model(path, check_moe=False)
+    model, tokenizer, _ = load_model(path, dtype=_LOAD["dtype"], check_moe=False)
     return model.eval(), tokenizer
 
 
@@ -95,10 +98,13 @@ def evaluate_models(
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--routing-plot", "routing_path", type=click.Path(dir_okay=False), default=None,
               help="PNG heatmaps of per-layer routing frequency, MODEL vs the first --compare model.")
+@load_options()
+@user_errors
 def eval_command(model: str, compare: tuple[str, ...], data: tuple[str, ...], seq_len: int,
                  max_tokens: int | None, batch_size: int, json_path: str | None, csv_path: str | None,
-                 plot_path: str | None, routing_path: str | None) -> None:
+                 plot_path: str | None, routing_path: str | None, load_overrides: dict) -> None:
     """Evaluate MODEL (and --compare models) on held-out text."""
+    _LOAD["dtype"] = load_overrides["dtype"] or "auto"
     rows = evaluate_models([model, *compare], list(data), seq_len, max_tokens, batch_size)
     print_table(rows)
     if json_path:

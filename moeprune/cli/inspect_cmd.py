@@ -8,16 +8,18 @@ import click
 
 from moeprune.adapters import moe_summary
 from moeprune.cli.errors import user_errors
+from moeprune.cli.load_options import load_options
 from moeprune.io.loading import BUNDLED, load_model
 
 
 @click.command()
 @click.argument("model", default=BUNDLED)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@load_options()
 @user_errors
-def inspect_command(model: str, as_json: bool) -> None:
+def inspect_command(model: str, as_json: bool, load_overrides: dict) -> None:
     """Print MoE layers, experts, top-k, router kind, parameters per expert and routed share."""
-    loaded, _, path = load_model(model)
+    loaded, _, path = load_model(model, dtype=load_overrides["dtype"] or "auto")
     summary = moe_summary(loaded)
     summary["path"] = path
     try:

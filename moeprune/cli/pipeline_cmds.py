@@ -19,7 +19,10 @@ from moeprune.plan import Plan
 from moeprune.strategies import available_strategies, get_strategy, plan
 from moeprune.apply.surgery import apply_plan
 from moeprune.sparsify.cli_options import sparsify_options
+from moeprune.cli.method_options import naee_options
+from moeprune.cli.load_options import load_options
 from moeprune.auto.cli_options import auto_options
+from moeprune.recover.cli_options import router_kd_options
 
 
 def _calibration_options(fn):
@@ -53,18 +56,29 @@ def _strategy_options(fn):
 @_calibration_options
 @click.option("--dense-tokens", type=int, default=0, help="Also evaluate every expert on this many tokens per layer (HC-SMoE).")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Statistics file (.safetensors).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing moeprune statistics file.")
+@load_options()
 @user_errors
-def calibrate_command(model, calibration, samples, seq_len, seed, batch_size, dense_tokens, output) -> None:
+def calibrate_command(model, calibration, samples, seq_len, seed, batch_size, dense_tokens, output, overwrite,
+                      load_overrides) -> None:
     """Collect routing and expert statistics in one pass."""
+    from moeprune.cli.guards import calibration_after_load, calibration_before_load
+
     recipe = load_recipe(None, {"model": model, "calibration.source": calibration, "calibration.samples": samples,
-                                "calibration.seq_len": seq_len, "calibration.seed": seed, "calibration.batch_size": batch_size})
-    loaded, tokenizer, _ = load_model(recipe.model)
+                                "calibration.seq_len": seq_len, "calibration.seed": seed, "calibration.batch_size": batch_size,
+                                **load_overrides})
+    out = calibration_before_load(recipe, output, overwrite)  # output and source: checked before loading
+    loaded, tokenizer, _ = load_model(recipe.model, dtype=recipe.dtype)
     cal = recipe.calibration
+    fingerprint = calibration_after_load(recipe, loaded)  # seq-len warning, NaN/Inf weights, fingerprint
     ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed)
     meta = {"model": recipe.model, "source": cal.source, "seed": cal.seed,
-            "num_hidden_layers": loaded.config.get_text_config().num_hidden_layers}
+            "num_hidden_layers": loaded.config.get_text_config().num_hidden_layers, "fingerprint": fingerprint}
     stats = calibrate(loaded, ids, batch_size=cal.batch_size, dense_tokens=dense_tokens, meta=meta)
-    stats.save(output)
+    from moeprune.nonfinite import check_stats
+
+    check_stats(stats)
+    stats.save(out)
     click.echo(f"wrote {output} ({ids.numel()} tokens, {len(stats.layers)} MoE layers, hash {stats.digest()})")
 
 
@@ -73,18 +87,27 @@ def calibrate_command(model, calibration, samples, seq_len, seed, batch_size, de
 @_strategy_options
 @click.option("--model", "model_path", help="Checkpoint, for strategies that read expert weights.")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Plan file (.json).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing moeprune plan file.")
+@load_options()
 @user_errors
-def plan_command(stats_path, strategy, ratio, budget, protect_super, model_path, output) -> None:
+def plan_command(stats_path, strategy, ratio, budget, protect_super, model_path, output, overwrite, load_overrides) -> None:
     """Decide which experts to keep, from saved statistics."""
     strategy = strategy or "reap"
     spec = get_strategy(strategy)
     params = spec.common_params(budget or "layer", protect_super)  # checked before any model is loaded
     if spec.needs_weights and not model_path:
         raise click.UsageError(f"strategy {strategy} reads expert weights: pass --model CHECKPOINT")
+    from moeprune.io.output_policy import check_output
+    from moeprune.nonfinite import check_stats
+
+    out = check_output(output, [stats_path, model_path], kind="plan", overwrite=overwrite)
     stats = ExpertStats.load(stats_path)
-    model = load_model(model_path)[0] if spec.needs_weights else None
+    check_stats(stats)
+    model = load_model(model_path, dtype=load_overrides["dtype"] or "auto")[0] if spec.needs_weights else None
     result = plan(stats, strategy, 0.5 if ratio is None else ratio, model=model, **params)
-    result.save(output)
+    if result.non_uniform_note():
+        click.echo(f"warning: {result.non_uniform_note()}", err=True)
+    result.save(out)
     click.echo(f"wrote {output}: experts per layer {result.experts_per_layer}")
 
 
@@ -93,12 +116,20 @@ def plan_command(stats_path, strategy, ratio, budget, protect_super, model_path,
 @click.argument("plan_path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output checkpoint directory.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--force", is_flag=True, help="Apply the plan even if it was made for another model (warns).")
+@load_options()
 @user_errors
-def apply_command(model, plan_path, output, overwrite) -> None:
+def apply_command(model, plan_path, output, overwrite, force, load_overrides) -> None:
     """Apply a plan to a checkpoint and write the pruned checkpoint."""
-    loaded, tokenizer, path = load_model(model)
-    result = Plan.load(plan_path)
-    apply_plan(loaded, result)
+    from moeprune.io.loading import resolve_model_path
+    from moeprune.io.output_policy import check_output
+
+    result = Plan.load(plan_path)  # plan and output are checked before the model is loaded
+    check_output(output, [resolve_model_path(model), plan_path], kind="checkpoint", overwrite=overwrite)
+    loaded, tokenizer, path = load_model(model, dtype=load_overrides["dtype"] or "auto")
+    apply_plan(loaded, result, force=force)
+    if result.non_uniform_note():
+        click.echo(f"warning: {result.non_uniform_note()}", err=True)
     out = save_pruned(loaded, output, plan=result, tokenizer=tokenizer, input_dir=path, overwrite=overwrite)
     click.echo(f"wrote {out}")
 
@@ -111,6 +142,8 @@ def apply_command(model, plan_path, output, overwrite) -> None:
 @click.option("--output", "-o", type=click.Path(), help="Output checkpoint directory.")
 @click.option("--eval/--no-eval", "evaluate", default=None, help="Print dense vs pruned held-out perplexity.")
 @sparsify_options
+@naee_options
+@router_kd_options
 @auto_options
 @click.option("--offload/--no-offload", default=None,
               help="Stream the checkpoint layer by layer (default: automatic when it does not fit in memory).")
@@ -118,29 +151,35 @@ def apply_command(model, plan_path, output, overwrite) -> None:
 @click.option("--memory-budget", default="4GB", show_default=True, help="With --offload: activations kept in memory.")
 @click.option("--work-dir", type=click.Path(), help="With --offload: resumable per-layer checkpoints (default next to --output).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory (atomically, when complete).")
+@load_options(allow_nonfinite=True)
 @user_errors
 def prune_command(model, config_path, strategy, ratio, budget, protect_super, calibration, samples, seq_len, seed,
-                  batch_size, output, evaluate, sparsify_overrides, auto_overrides, offload, resume, memory_budget, work_dir,
-                  overwrite) -> None:
+                  batch_size, output, evaluate, sparsify_overrides, router_kd_overrides, auto_overrides, offload, resume, memory_budget, work_dir,
+                  overwrite, load_overrides) -> None:
     """Calibrate, plan, apply and save in one go."""
     recipe = load_recipe(config_path, {
         "model": model, "strategy": strategy, "ratio": ratio, "budget": budget, "protect_super": protect_super,
         "calibration.source": calibration, "calibration.samples": samples, "calibration.seq_len": seq_len,
         "calibration.seed": seed, "calibration.batch_size": batch_size, "output": output, "evaluate": evaluate,
-        **sparsify_overrides, **auto_overrides,
+        **sparsify_overrides, **router_kd_overrides, **auto_overrides, **load_overrides,
     })
     if not recipe.output:
         raise click.UsageError("--output is required (or `output:` in the recipe)")
-    if offload is None and not recipe.evaluate and recipe.sparsify is None:
+    from moeprune.cli.guards import prune_before_load
+
+    offload = prune_before_load(recipe, offload, resume, work_dir, overwrite)  # output and inputs: before any work
+    if offload is None and not recipe.evaluate and recipe.sparsify is None and recipe.router_kd is None:
         from moeprune.io.loading import resolve_model_path
         from moeprune.streaming.pipeline import should_offload
 
-        offload = should_offload(resolve_model_path(recipe.model))
+        offload = should_offload(resolve_model_path(recipe.model), dtype=recipe.dtype)
     if offload:
         from moeprune.streaming.pipeline import prune_offloaded
 
         if recipe.evaluate or recipe.sparsify is not None:
             raise click.UsageError("--eval and intra-expert sparsification need the model in memory; drop --offload")
+        if recipe.router_kd is not None:
+            raise click.UsageError("router calibration (--router-kd / --router-kd-local) runs in memory only; drop --offload")
         if recipe.strategy == "auto":
             raise click.UsageError("--strategy auto compares candidates on copies of the loaded model; drop --offload")
         result = prune_offloaded(recipe, work_dir=work_dir, resume=resume, memory_budget=memory_budget, overwrite=overwrite)
@@ -151,7 +190,7 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
     if recipe.evaluate:
         from moeprune.cli.prune_eval import heldout_perplexities
 
-        loaded, tokenizer, _ = load_model(recipe.model)
+        loaded, tokenizer, _ = load_model(recipe.model, dtype=recipe.dtype)
         dense_ppl = heldout_perplexities(loaded, tokenizer, recipe.eval_max_tokens)
         result = prune(recipe, model=loaded, tokenizer=tokenizer, overwrite=overwrite)
     else:
@@ -161,6 +200,10 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
         done = result.plan.params["sparsity"]
         click.echo(f"intra-expert {done['method']}: expert sparsity {done['expert_sparsity']:.3f}, "
                    f"total with expert removal {done['total_sparsity']:.3f}")
+    if "router_kd" in result.plan.params:
+        from moeprune.recover.cli_options import describe_report
+
+        click.echo(describe_report(result.plan.params["router_kd"]))
     if result.report is not None:
         from moeprune.auto.select import format_report
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,29 +22,26 @@ import yaml
 from torch import nn
 
 from moeprune.adapters.layout import EXPERT_COUNT_ATTRS
+from moeprune.io.output_policy import (  # noqa: F401  (re-exported: OutputPathError, publish_directory)
+    COMPLETE_MARKER,
+    OutputPathError,
+    check_output,
+    clean_stale,
+    publish_directory,
+    temp_sibling,
+)
 
 logger = logging.getLogger(__name__)
 
-PLAN_FILE = "moeprune_plan.json"
+PLAN_FILE = "moeprune_plan.json"  # == output_policy.PLAN_FILE
 RECIPE_FILE = "moeprune_recipe.yaml"
 PER_LAYER_KEY = "moeprune_experts_per_layer"
-
-
-class OutputPathError(ValueError):
-    """The output directory is unusable (equal to / inside the input, or not empty)."""
+LAYER_WIDTH_KEY = "moeprune_intermediate_per_layer"  # moeprune.slimming.channels
 
 
 def check_output_dir(output_dir: str | Path, input_dir: str | Path | None, overwrite: bool = False) -> Path:
-    out = Path(output_dir).expanduser().resolve()
-    if input_dir:
-        src = Path(input_dir).expanduser()
-        if src.exists():
-            src = src.resolve()
-            if out == src or src in out.parents:
-                raise OutputPathError(f"output {out} is the input checkpoint or inside it; choose another directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputPathError(f"output {out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    return out
+    """The output policy (`output_policy.check_output`) for a checkpoint directory."""
+    return check_output(output_dir, [input_dir], kind="checkpoint", overwrite=overwrite)
 
 
 def _patch_config_json(path: Path, model: nn.Module) -> None:
@@ -58,17 +53,6 @@ def _patch_config_json(path: Path, model: nn.Module) -> None:
         if isinstance(value, int):
             data[key] = value
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
-
-
-def publish_directory(tmp: Path, out: Path) -> None:
-    """Move a fully written `tmp` directory to `out` by rename (replacing an existing `out`)."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def save_pruned(
@@ -84,9 +68,10 @@ def save_pruned(
     """Atomically write `model` (+ tokenizer, plan, recipe) as a Hugging Face checkpoint."""
     input_dir = input_dir or getattr(model, "name_or_path", None) or None
     out = check_output_dir(output_dir, input_dir, overwrite)
+    clean_stale(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    non_uniform = hasattr(model.config, PER_LAYER_KEY)
+    tmp = temp_sibling(out)
+    non_uniform = hasattr(model.config, PER_LAYER_KEY) or hasattr(model.config, LAYER_WIDTH_KEY)
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=not non_uniform)
         _patch_config_json(tmp / "config.json", model)
@@ -100,6 +85,7 @@ def save_pruned(
             plan.save(tmp / PLAN_FILE)
         if recipe is not None:
             (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(_marker(model, input_dir, plan), indent=1))
         publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,17 +94,33 @@ def save_pruned(
     return out
 
 
-def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32, **kwargs: Any) -> nn.Module:
+def _marker(model: nn.Module, input_dir: str | Path | None, plan: Any) -> dict[str, Any]:
+    """What `moeprune_complete.json` says about an in-memory output."""
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    marker: dict[str, Any] = {"source": str(Path(input_dir).resolve()) if input_dir else None, "dtype": dtypes}
+    if plan is not None:
+        marker.update(uniform=plan.uniform, experts_per_layer={str(k): v for k, v in plan.experts_per_layer.items()})
+    return marker
+
+
+def load_pruned(path: str | Path, dtype: str | torch.dtype | None = "auto", **kwargs: Any) -> nn.Module:
     """Load a moeprune output (or any local checkpoint): stock path for uniform checkpoints,
-    exact rebuild for non-uniform ones; extensions (e.g. novices) are restored by their modules."""
+    exact rebuild for non-uniform ones; extensions (e.g. novices) are restored by their modules.
+
+    `dtype="auto"` keeps the checkpoint's dtype; repository code runs only with
+    `trust_remote_code=True` (default: the process-wide `loading.trust_remote_code()`, off)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moeprune.io.loading import resolve_dtype, trust_remote_code
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
-    config = AutoConfig.from_pretrained(path)
-    if getattr(config, PER_LAYER_KEY, None):
-        model = _load_non_uniform(path, config, dtype)
+    dtype = resolve_dtype(dtype, path)
+    kwargs.setdefault("trust_remote_code", trust_remote_code())
+    config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs["trust_remote_code"])
+    if getattr(config, PER_LAYER_KEY, None) or getattr(config, LAYER_WIDTH_KEY, None):
+        model = _load_non_uniform(path, config, dtype, kwargs["trust_remote_code"])
     else:
         if getattr(config, "moeprune_novices", None):
             # novice layers keep E router rows for P experts: stock loading refuses them on purpose;
@@ -148,9 +150,13 @@ def _restore_extensions(model: nn.Module, path: Path) -> None:
         from moeprune.apply.novice import restore_novices
 
         restore_novices(model, path)
+    if getattr(model.config, "moeprune_dynamic_skip", None):  # NAEE dynamic skipping (wraps novices too)
+        from moeprune.apply.dynamic_skip import restore_dynamic_skip
+
+        restore_dynamic_skip(model)
 
 
-def _load_non_uniform(path: Path, config: Any, dtype: torch.dtype) -> nn.Module:
+def _load_non_uniform(path: Path, config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -158,13 +164,17 @@ def _load_non_uniform(path: Path, config: Any, dtype: torch.dtype) -> nn.Module:
     from moeprune.apply.surgery import slice_layer
     from moeprune.io.safetensors_io import read_checkpoint_tensors
 
-    counts = {int(k): int(v) for k, v in getattr(config, PER_LAYER_KEY).items()}
+    counts = {int(k): int(v) for k, v in (getattr(config, PER_LAYER_KEY, None) or {}).items()}
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for layer in find_moe_layers(model):
         n = counts.get(layer.layer, layer.num_experts)
         if n != layer.num_experts:
             slice_layer(layer, list(range(n)))
+    if getattr(config, LAYER_WIDTH_KEY, None):  # channel-slimmed layers of different widths
+        from moeprune.slimming.channels import resize_for_load
+
+        resize_for_load(model, config)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in read_checkpoint_tensors(path).items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})

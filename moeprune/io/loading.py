@@ -3,8 +3,15 @@
 `builtin:tiny-moe` (the default) is the small MoE trained by `scripts/train_tiny_moe.py` and shipped
 in `moeprune/assets/tiny-moe`; if a checkout lacks it, a tiny random Qwen3-MoE is built locally
 under the user cache so the pipeline still runs offline. Local directories load with
-`moeprune.load_pruned` (stock or non-uniform moeprune outputs). Any other string is handed to
-transformers as a hub id: that code path is real, but the hub may be unreachable.
+`moeprune.load_pruned` (stock or non-uniform moeprune outputs). A string that looks like a path
+(absolute, `./`, `~`, several `/`, or whose parent exists) and does not exist is an error, never
+a hub lookup; any other string is handed to transformers as a hub id (the hub may be unreachable).
+
+Models load in the checkpoint's own dtype by default (`dtype="auto"`: bf16 in, bf16 in memory and
+out); `--dtype` overrides it. Repository code is never run unless `--trust-remote-code` opts in:
+every transformers loader gets `trust_remote_code=` explicitly, so none of them ever prompts.
+A pickle (`.bin`) checkpoint is refused (unpickling can run code; convert it to safetensors), and
+the safetensors headers are checked before loading so a truncated shard is a one-line error.
 """
 
 from __future__ import annotations
@@ -55,22 +62,106 @@ def resolve_model_path(spec: str) -> str:
     return spec
 
 
-def load_model(spec: str = BUNDLED, dtype: torch.dtype = torch.float32, check_moe: bool = True) -> tuple[Any, Any, str]:
-    """(model, tokenizer or None, resolved path). Raises NotAnMoEModelError for dense models."""
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+_TRUST_REMOTE_CODE = False
+
+
+def set_trust_remote_code(value: bool) -> None:
+    """Process-wide opt-in to running checkpoint code (`--trust-remote-code`); off by default."""
+    global _TRUST_REMOTE_CODE
+    _TRUST_REMOTE_CODE = bool(value)
+
+
+def trust_remote_code() -> bool:
+    """What every `from_pretrained` / `AutoConfig` / `AutoTokenizer` call passes as `trust_remote_code`."""
+    return _TRUST_REMOTE_CODE
+
+
+def looks_like_local_path(spec: str) -> bool:
+    """True for strings meant as local paths (never to be looked up on the hub)."""
+    if spec.startswith(("/", "./", "../", "~", ".")) or spec.endswith("/") or spec.count("/") > 1 or "\\" in spec:
+        return True
+    parent = Path(spec).expanduser().parent
+    return str(parent) not in ("", ".") and parent.exists()
+
+
+def config_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a checkpoint's config.json declares (`dtype` / `torch_dtype`), float32 if none."""
+    import json
+
+    file = Path(path) / "config.json"
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); fix or restore the checkpoint's config") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} is not a JSON object; fix or restore the checkpoint's config")
+    text = data.get("text_config") if isinstance(data.get("text_config"), dict) else {}
+    name = data.get("dtype") or data.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype") or "float32"
+    value = getattr(torch, str(name), None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, path: str | Path | None = None) -> torch.dtype:
+    """`auto` (or None) -> the checkpoint's dtype; a name or torch.dtype -> itself."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if path is not None and (Path(path) / "config.json").is_file():
+            return config_dtype(path)
+        return torch.float32
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    return getattr(torch, dtype)
+
+
+def check_local_checkpoint(path: Path) -> None:
+    """One-line errors for a local directory that is not a loadable safetensors checkpoint."""
+    from moeprune.io.safetensors_io import open_shard, shard_map
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory; give a Hugging Face checkpoint directory")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+    config_dtype(path)  # invalid JSON -> one line
+    has_safetensors = any(path.glob("*.safetensors"))
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles and not has_safetensors:
+        raise ValueError(f"{path} holds a pickle checkpoint ({pickles[0]}); moeprune reads only safetensors "
+                         "(unpickling can run code): convert it first, e.g. save_pretrained(..., safe_serialization=True)")
+    for shard in sorted(set(shard_map(path).values())):
+        with open_shard(shard):  # header and size checked: a truncated shard fails here, in one line
+            pass
+
+
+def load_model(
+    spec: str = BUNDLED, dtype: str | torch.dtype | None = "auto", check_moe: bool = True,
+    trust_remote_code: bool | None = None,
+) -> tuple[Any, Any, str]:
+    """(model, tokenizer or None, resolved path). Raises NotAnMoEModelError for dense models.
+
+    `dtype="auto"` loads in the checkpoint's own dtype; `trust_remote_code=None` means the
+    process-wide setting (`set_trust_remote_code`, off by default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moeprune.io.checkpoint import load_pruned
 
+    remote = _TRUST_REMOTE_CODE if trust_remote_code is None else bool(trust_remote_code)
     path = resolve_model_path(spec)
-    local = Path(path)
+    local = Path(path).expanduser()
     if local.exists():
-        if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"{local} is not a Hugging Face checkpoint directory (no config.json)")
-        model = load_pruned(local, dtype=dtype)
+        check_local_checkpoint(local)
+        model = load_pruned(local, dtype=resolve_dtype(dtype, local), trust_remote_code=remote)
+    elif looks_like_local_path(path):
+        raise FileNotFoundError(f"model path {path} does not exist; give an existing checkpoint directory")
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype) if dtype != "auto" else "auto",
+                                                         trust_remote_code=remote).eval()
+        except OSError as err:
+            raise FileNotFoundError(f"{path} is neither a local directory nor a reachable hub model ({str(err).splitlines()[0]})") from err
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
     except (OSError, ValueError, TypeError):
         tokenizer = None
     if check_moe:

@@ -142,6 +142,8 @@ def plan(stats: ExpertStats | None, strategy: str = "reap", ratio: float = 0.5, 
         kwargs["model"] = model
     result = spec.fn(stats, ratio=ratio, **kwargs)
     result.stats_hash = stats.digest() if stats is not None else None
+    if stats is not None and not result.model:  # binds the plan to the calibrated model (moeprune.fingerprint)
+        result.model = stats.meta.get("fingerprint")
     return result.validate()
 
 

@@ -90,9 +90,12 @@ def build_skeleton(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.M
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    from moeprune.io.loading import trust_remote_code
+
+    remote = trust_remote_code()  # explicit: never a y/N prompt, never checkpoint code unless opted in
+    config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote)
     return model.eval()
 
 

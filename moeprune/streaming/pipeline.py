@@ -1,14 +1,13 @@
 """`prune` for checkpoints larger than memory: streamed calibration -> plan -> streamed apply.
 
-`should_offload` decides automatically: the in-memory path holds the model in float32, so a
-checkpoint whose float32 size exceeds most of the available memory is streamed instead.
+`should_offload` decides automatically: the in-memory path holds the model in the dtype it is
+loaded in (`--dtype`, default the checkpoint's own), so a checkpoint whose size in that dtype
+exceeds most of the available memory is streamed instead.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +16,6 @@ from moeprune.config import PruneRecipe
 from moeprune.plan import Plan
 
 logger = logging.getLogger(__name__)
-
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1}
-
 
 def available_memory() -> int:
     """Bytes of memory available to a new allocation (psutil, else /proc/meminfo)."""
@@ -34,23 +30,26 @@ def available_memory() -> int:
     return 1 << 62
 
 
-def in_memory_bytes(path: str | Path) -> int:
-    """Approximate bytes the in-memory path needs for checkpoint `path` (loaded as float32)."""
+def in_memory_bytes(path: str | Path, dtype: str = "auto") -> int:
+    """Approximate bytes the in-memory path needs for checkpoint `path` loaded in `dtype`."""
+    from moeprune.io.loading import config_dtype, resolve_dtype
     from moeprune.streaming.lazy_reader import LazyCheckpoint
 
     path = Path(path)
     size = LazyCheckpoint(path).total_bytes()
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    width = _BYTES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"), 4)
-    return size * 4 // width
+    if not (path / "config.json").is_file():
+        return size
+    stored = config_dtype(path)
+    target = resolve_dtype(dtype, path)
+    return size * target.itemsize // stored.itemsize
 
 
-def should_offload(path: str | Path, fraction: float = 0.7) -> bool:
+def should_offload(path: str | Path, fraction: float = 0.7, dtype: str = "auto") -> bool:
     """True when the model would not comfortably fit in memory (`fraction` of what is available)."""
     path = Path(path)
     if not path.is_dir():
         return False
-    need, have = in_memory_bytes(path), available_memory()
+    need, have = in_memory_bytes(path, dtype), available_memory()
     if need > fraction * have:
         logger.warning("checkpoint needs ~%.1f GB in memory, %.1f GB available: streaming it (--offload)", need / 1e9, have / 1e9)
         return True
@@ -86,11 +85,14 @@ def prune_offloaded(
     from moeprune.streaming.layerwise import streamed_calibrate
     from moeprune.streaming.streamed_apply import streamed_apply
 
+    if recipe.dynamic_skip:
+        raise ValueError("--dynamic-skip fits its betas on the pruned model in memory; drop --offload")
     path = Path(resolve_model_path(recipe.model))
     if not path.is_dir():
         raise FileNotFoundError(f"--offload needs a local checkpoint directory; {recipe.model} is not one (download it first)")
     spec = get_strategy(recipe.strategy)
     spec.check_streamable()  # before any calibration
+    checked = _preflight(recipe, path, overwrite, work_dir)  # inputs, output and work dir: before any work
     if not spec.needs_calibration:  # calibration-free (AIMER): read only expert weights from the shards
         from moeprune.streaming.expert_reader import LazyExpertWeights
 
@@ -103,28 +105,61 @@ def prune_offloaded(
         return OffloadResult(None, result_plan, output)
     if spec.needs_weights:
         raise ValueError(f"strategy {recipe.strategy} reads expert weights from a loaded model; it cannot run with --offload")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    from moeprune.fingerprint import checkpoint_fingerprint
+    from moeprune.io.loading import trust_remote_code
+    from moeprune.nonfinite import check_stats
+
+    from moeprune.io.output_policy import prepare_work_dir
+
+    config, dtype, work_dir = checked
+    if work_dir is not None:
+        work_dir = prepare_work_dir(work_dir, inputs=[path], outputs=[recipe.output])
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code())
     cal = recipe.calibration
     ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed)
-    own_work_dir = work_dir is None and recipe.output is not None
-    if own_work_dir:
-        out = Path(recipe.output).expanduser().resolve()
-        work_dir = out.parent / f".{out.name}.moeprune-work"
-    config = json.loads((path / "config.json").read_text())
-    meta = {"source": cal.source, "seed": cal.seed, "num_hidden_layers": config.get("num_hidden_layers"), "offload": True}
+    meta = {"source": cal.source, "seed": cal.seed, "num_hidden_layers": config.get("num_hidden_layers"), "offload": True,
+            "fingerprint": checkpoint_fingerprint(path)}
     stats = streamed_calibrate(
         path, ids, batch_size=cal.batch_size, dense_tokens=max(cal.dense_tokens, spec.dense_tokens), progress=progress,
-        meta=meta, work_dir=work_dir, resume=resume, memory_budget=memory_budget,
+        meta=meta, work_dir=work_dir, resume=resume, memory_budget=memory_budget, dtype=dtype,
         sample_tokens=spec.sample_tokens(recipe.strategy_params()), sample_seed=cal.seed,
     )
+    check_stats(stats)  # NaN/Inf: one line naming layer and experts
     result_plan = plan(stats, recipe.strategy, recipe.ratio, **recipe.strategy_params())
+    if result_plan.non_uniform_note():
+        logger.warning(result_plan.non_uniform_note())
     output = None
     if recipe.output:
         output = streamed_apply(
             path, result_plan, recipe.output, overwrite=overwrite, max_shard_size=max_shard_size,
             recipe=recipe.model_dump(mode="json"), progress=progress,
         )
-        if own_work_dir:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        if work_dir is not None:
+            from moeprune.io.output_policy import remove_work_dir
+
+            remove_work_dir(work_dir)  # finished: only a work directory moeprune marked as its own is removed
     return OffloadResult(stats, result_plan, output)
+
+
+def _preflight(recipe: PruneRecipe, path: Path, overwrite: bool, work_dir: str | Path | None):
+    """Validate inputs, output and work directory before any calibration; (config, dtype, work dir)."""
+    from moeprune.io.input_checks import check_seq_len, check_text_source, read_config
+    from moeprune.io.loading import check_local_checkpoint, resolve_dtype, set_trust_remote_code
+    from moeprune.io.output_policy import check_output
+
+    if recipe.allow_nonfinite:
+        raise ValueError("--allow-nonfinite needs the model in memory (broken experts are zeroed before calibration); drop --offload")
+    if recipe.trust_remote_code:
+        set_trust_remote_code(True)
+    check_local_checkpoint(path)
+    config = read_config(path)
+    check_text_source(recipe.calibration.source)
+    check_seq_len(config, recipe.calibration.seq_len)
+    dtype = resolve_dtype(recipe.dtype, path)
+    out = check_output(recipe.output, [path], kind="checkpoint", overwrite=overwrite) if recipe.output else None
+    if work_dir is None and out is not None:
+        work_dir = out.parent / f".{out.name}.moeprune-work"
+    if work_dir is not None:
+        work_dir = check_output(work_dir, [path, out], kind="workdir")  # created when calibration starts
+    return config, dtype, work_dir
 

@@ -2,6 +2,7 @@
 
 Layout of `work_dir`:
 
+    moeprune_workdir.json       marker: this directory is moeprune's (foreign directories are refused)
     fingerprint.json            what the run is (checkpoint, calibration data digest, options)
     progress.json               {"done": i}: decoder layers 0..i are finished
     stats/layer_00003.safetensors   statistics of each finished MoE layer (`ExpertStats.save`)
@@ -11,6 +12,10 @@ A layer is committed in this order: its statistics, then its output activations 
 `.partial` folder and renamed), then `progress.json` (written to a temporary file and renamed), so
 a kill at any moment leaves either the previous or the new state, never a mix. Resuming with a
 different fingerprint (other model, data or options) is refused instead of mixing statistics.
+The checkpoint is fingerprinted by content, not only by shard names and sizes
+(`checkpoint_content_digest`: each shard's safetensors header, the first and last bytes of every
+tensor and evenly spaced samples; whole files when the checkpoint is small), so a checkpoint
+rewritten in place with other weights of the same shapes is not resumed with stale statistics.
 """
 
 from __future__ import annotations
@@ -35,6 +40,48 @@ class ResumeError(ValueError):
     """A work directory belongs to another run."""
 
 
+FULL_HASH_BYTES = 1 << 30  # checkpoints up to this size are hashed whole
+_SAMPLES, _SAMPLE_BYTES, _EDGE_BYTES = 64, 1 << 16, 256
+
+
+def _shard_digest(file: Path, full: bool) -> str:
+    import struct
+
+    h = hashlib.sha256()
+    size = file.stat().st_size
+    h.update(str(size).encode())
+    with open(file, "rb") as f:
+        if full:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+            return h.hexdigest()[:16]
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        header = f.read(min(n, 100 << 20))
+        h.update(header)
+        base = 8 + n
+        try:
+            entries = json.loads(header)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            entries = {}
+        for name in sorted(k for k in entries if k != "__metadata__"):
+            start, end = entries[name].get("data_offsets", [0, 0])
+            for offset in {base + start, max(base + start, base + end - _EDGE_BYTES)}:
+                f.seek(offset)
+                h.update(f.read(min(_EDGE_BYTES, end - start)))
+        for i in range(_SAMPLES):
+            f.seek(base + (size - base) * i // _SAMPLES)
+            h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()[:16]
+
+
+def checkpoint_content_digest(path: str | Path) -> dict[str, str]:
+    """{shard name: content digest} of a checkpoint's safetensors files (see the module docstring)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    full = sum(f.stat().st_size for f in files) <= FULL_HASH_BYTES
+    return {f.name: _shard_digest(f, full) for f in files}
+
+
 def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
 
@@ -49,9 +96,13 @@ class WorkDir:
     """Checkpoints of a streamed calibration run."""
 
     def __init__(self, path: str | Path, fingerprint: dict[str, Any], resume: bool) -> None:
-        self.path = Path(path)
+        from moeprune.io.output_policy import prepare_work_dir
+
+        checkpoint = fingerprint.get("checkpoint")
+        self.path = prepare_work_dir(path, inputs=[checkpoint])  # foreign content or the input: refused
+        if checkpoint and "content" not in fingerprint:
+            fingerprint = {**fingerprint, "content": checkpoint_content_digest(checkpoint)}
         self.fingerprint = fingerprint
-        self.path.mkdir(parents=True, exist_ok=True)
         fp_file = self.path / "fingerprint.json"
         if resume and fp_file.is_file():
             old = json.loads(fp_file.read_text())

@@ -28,7 +28,6 @@ import json
 import logging
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 from moeprune.adapters import MoELayer, find_moe_layers
 from moeprune.apply.surgery import _prepare_layer, set_expert_count, slice_layer
 from moeprune.io.checkpoint import PLAN_FILE, RECIPE_FILE, _patch_config_json, check_output_dir, publish_directory
+from moeprune.io.output_policy import COMPLETE_MARKER, clean_stale, temp_sibling
 from moeprune.io.safetensors_io import INDEX_FILE
 from moeprune.plan import LayerPlan, Plan, PlanError
 from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, _expert_regex, release, set_tensor
@@ -48,22 +48,15 @@ from moeprune.streaming.writer import ShardedWriter
 
 logger = logging.getLogger(__name__)
 
-COMPLETE_MARKER = "moeprune_complete.json"
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".partial")
 _NOT_COPIED = {"config.json", INDEX_FILE, PLAN_FILE, RECIPE_FILE, COMPLETE_MARKER, "moeprune_eval.json"}
 
 
-def check_plan(layers: dict[int, MoELayer], plan: Plan) -> None:
-    """The checks `apply_plan` makes, against the skeleton's layers."""
+def check_plan(layers: dict[int, MoELayer], plan: Plan, fingerprint: dict | None = None, force: bool = False) -> None:
+    """The checks `apply_plan` makes, against the skeleton's layers (and the checkpoint's fingerprint)."""
     plan.validate()
-    missing = sorted(set(plan.layers) - set(layers))
-    if missing:
-        raise PlanError(f"plan names MoE layers {missing} that the model does not have (has {sorted(layers)})")
+    plan.check_model(layers, fingerprint, force=force)
     for index, lp in plan.layers.items():
-        if layers[index].num_experts != lp.num_experts:
-            raise PlanError(f"layer {index}: plan was made for {lp.num_experts} experts but the checkpoint has {layers[index].num_experts}")
-        if layers[index].routing.top_k > lp.num_kept:
-            raise PlanError(f"layer {index}: top-k {layers[index].routing.top_k} > {lp.num_kept} kept experts")
         if lp.novices:
             raise NotImplementedError("plans with novice experts need the in-memory path (drop --offload)")
 
@@ -153,17 +146,21 @@ def streamed_apply(
     recipe: dict | None = None,
     progress: bool = True,
     selection_route: bool = True,
+    force: bool = False,
 ) -> Path:
     """Write `input_dir` pruned by `plan` to `output_dir` without loading the model."""
+    from moeprune.fingerprint import checkpoint_fingerprint
+
     input_dir = Path(input_dir)
     out = check_output_dir(output_dir, input_dir, overwrite)
+    clean_stale(out)
     ckpt = LazyCheckpoint(input_dir)  # a missing shard fails here, before anything is written
     model = build_skeleton(input_dir, dtype=_config_dtype(input_dir))
     keymap = KeyMap(model, ckpt.keys())
     if keymap.unexpected:
         logger.warning("dropping %d checkpoint tensors the model does not load, e.g. %s", len(keymap.unexpected), keymap.unexpected[:3])
     layers = {layer.layer: layer for layer in find_moe_layers(model)}
-    check_plan(layers, plan)
+    check_plan(layers, plan, checkpoint_fingerprint(input_dir) if plan.model else None, force=force)
     counts = {i: (len(plan.layers[i].kept) if i in plan.layers else layer.num_experts) for i, layer in layers.items()}
     uniform = len(set(counts.values())) == 1
     prefix, decoder = decoder_layers(model)
@@ -174,7 +171,7 @@ def streamed_apply(
     moe_of_unit = {f"{prefix}.{i}": layer for i, layer in layers.items()}
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp = temp_sibling(out)
     tmp.mkdir()
     started = time.perf_counter()
     try:
@@ -187,12 +184,13 @@ def streamed_apply(
             if lp is None:
                 job.copy_unit(by_unit[unit])
                 continue
-            simple = uniform and selection_route and not _edits_weights(lp, plan.params)
+            simple = uniform and selection_route and not lp.edits_weights
             if not (simple and job.selection(by_unit[unit], layer, lp)):
                 job.layer(unit, by_unit[unit], layer, lp, plan.params)
         weight_map = writer.close()
         _write_metadata(tmp, input_dir, model, counts, plan, recipe)
         marker = {"source": str(input_dir.resolve()), "tensors": len(weight_map), "bytes": writer.total_bytes,
+                  "uniform": uniform, "experts_per_layer": {str(i): n for i, n in sorted(counts.items())},
                   "routes": job.routes, "bytes_read": ckpt.bytes_read, "seconds": round(time.perf_counter() - started, 3)}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1))
         publish_directory(tmp, out)
@@ -203,11 +201,6 @@ def streamed_apply(
         ckpt.close()
     logger.info("wrote %s (%s)", out, job.routes)
     return out
-
-
-def _edits_weights(lp: LayerPlan, params: dict) -> bool:
-    """Whether `surgery._prepare_layer` changes kept experts (merges, DERN recombination)."""
-    return any(len(g) > 1 for g in (lp.groups or [])) or params.get("dern_threshold") is not None
 
 
 def _config_dtype(path: Path) -> torch.dtype:
