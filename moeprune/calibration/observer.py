@@ -17,7 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.adapters import MoELayer, find_moe_layers
+from moeprune.calibration.attribution import AttributionCollector, decoder_layer_of
 from moeprune.calibration.capture import patch_forward, run_experts
+from moeprune.calibration.peu import accumulate_peu
 from moeprune.calibration.stats import ExpertStats, LayerStats
 from moeprune.calibration.token_sample import TokenSampler
 
@@ -40,6 +42,7 @@ class Observer:
         self.mask: torch.Tensor | None = None
         self.stats: dict[int, LayerStats] = {}
         self._logits: dict[int, torch.Tensor] = {}  # last router logits per layer, for reference gates
+        self._attribution: dict[int, AttributionCollector] = {}
         self._undo: list = []
 
     def set_mask(self, attention_mask: torch.Tensor | None) -> None:
@@ -67,6 +70,10 @@ class Observer:
             if self.sample_tokens > 0:  # seeded token sample with expert-output Gram matrices (NAEE)
                 sampler = TokenSampler([layer], self.stats, self.sample_tokens, self.sample_seed, self._valid)
                 self._undo.append(sampler.__enter__().__exit__)
+            decoder = decoder_layer_of(self.model, layer.block_name)  # MoE-Slimming attribution
+            if decoder is not None:
+                self._attribution[layer.layer] = AttributionCollector(stats.tensors)
+                self._undo.append(decoder.register_forward_hook(self._attribution[layer.layer].layer_hook).remove)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -80,6 +87,7 @@ class Observer:
             "experts_per_layer": {str(layer.layer): layer.num_experts for layer in self.layers},
             "top_k": self.layers[0].routing.top_k,
             "routing": self.layers[0].routing.as_dict(),
+            "peu_top_k": self.layers[0].routing.top_k,  # PreMoE's K_a (calibration/peu.py)
         }
         info.update(meta or {})
         return ExpertStats(self.stats, info)
@@ -100,6 +108,7 @@ class Observer:
             t["prob_sum"] += probs.sum(0).cpu()
             t["logit_sum"] += l64.sum(0).cpu()
             t["logit_gram"] += (l64.T @ l64).cpu()
+            accumulate_peu(t, l64, layer.routing.top_k)
             self._logits[layer.layer] = logits
             return None
 
@@ -137,6 +146,11 @@ class Observer:
             t["out_sq"] += seg(f * f)
             ga = g.unsqueeze(1) * a
             t["act_gsq_sum"] += seg(ga * ga)
+            torch.maximum(t["act_gmax"], seg(ga * ga, "max"), out=t["act_gmax"])
+            t["act_sq_sum"] += seg(a * a)
+            if layer.layer in self._attribution:
+                tok = token_ids if bool(valid_tokens.all()) else token_ids[valid_tokens[token_ids]]
+                self._attribution[layer.layer].record_routed(ids, tok, g.unsqueeze(1) * f, valid_tokens)
             selected = torch.zeros(hidden.shape[0], num_experts, dtype=torch.float32, device=hidden.device)
             selected.scatter_(1, top_k_index, 1.0)
             selected = selected[valid_tokens]

@@ -19,6 +19,12 @@ Per MoE layer, float64 accumulators over valid (non-padding) calibration tokens:
 | logit_sum        | [E]    | sum of router logits                                           |
 | out_sum, out_sq  | [E, H] | sum f_j and sum f_j^2 per dimension over routed tokens (MoNE)  |
 | act_gsq_sum      | [E, I] | sum (g_j a_j)^2 per intermediate channel (CAMERA-style scores)  |
+| act_gmax         | [E, I] | max (g_j a_j)^2 per channel over routed tokens (CAMERA L-inf)   |
+| act_sq_sum       | [E, I] | sum a_j^2 per channel over routed tokens (MoE-Slimming channels) |
+| attr_sum         | [E]    | sum g <m, f_j> / ||y||^2 over routed tokens (calibration/attribution.py) |
+| layer_loss_sum   | []     | sum ||m||^2 / ||y||^2 over tokens (m routed MoE output, y layer output) |
+| peu_hist         | [E, B+1] | PreMoE: f(logit) of top-K_a entries by local-prob bin (calibration/peu.py) |
+| peu_maxp_sum     | []     | PreMoE: sum of the max local top-K_a probability (threshold r_l) |
 | dense_out_sum    | [E, H] | optional: sum of f_j over a token sample, every expert (HC-SMoE) |
 | dense_tokens     | []     | optional: size of that sample                                  |
 
@@ -35,7 +41,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-MAX_FIELDS = ("max_out", "max_act")
+from moeprune.calibration.peu import PEU_BINS
+
+MAX_FIELDS = ("max_out", "max_act", "act_gmax")
 OPTIONAL_FIELDS = ("dense_out_sum", "dense_tokens")
 FORMAT_VERSION = 1
 
@@ -68,6 +76,12 @@ class LayerStats:
                 "out_sum": z(e, hidden),
                 "out_sq": z(e, hidden),
                 "act_gsq_sum": z(e, intermediate),
+                "act_gmax": z(e, intermediate),
+                "act_sq_sum": z(e, intermediate),
+                "attr_sum": z(e),
+                "layer_loss_sum": z(()),
+                "peu_hist": z(e, PEU_BINS + 1),
+                "peu_maxp_sum": z(()),
             }
         )
 

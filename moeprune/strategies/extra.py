@@ -7,3 +7,4 @@ strategies: hc-smoe, m-smoe, stun (clustering), mone (novices), dern (neuron rec
 from moeprune.strategies import clustering, dern, mone  # noqa: F401
 from moeprune.strategies import aimer, criteria  # noqa: F401  (man, msan, unified, aimer)
 from moeprune.strategies import naee, uncurl  # noqa: F401  (naee: subset reconstruction; uncurl: spectral merging)
+from moeprune.strategies import premoe  # noqa: F401  (premoe, PreMoE PEU)
