@@ -5,6 +5,10 @@ Output expert slot i of a layer is built from original expert `kept[i]` (the rep
 `novices` lists dropped experts replaced by constant vectors. Indices are always renumbered
 0..E'-1 in the output (G7). Validation fails fast, naming the layer, the constraint and the fix.
 
+Each `LayerPlan` says everything apply does to its layer (merge options, neuron recombination,
+novice vectors), so apply never reads the strategy's `params`; those are a record of how the plan
+was made. Plans written before that carried the operations in `params` and are adopted on read.
+
 A plan is bound to its model: `model` holds the model's fingerprint (`moeprune.fingerprint`) and
 `check_model` refuses another model (unless forced), a plan that leaves out a MoE layer, and
 counts or group constraints that the *model's* routing (its top-k, `n_group`, `topk_group`)

@@ -14,7 +14,7 @@ Stock transformers cannot express this, so it is saved as a documented extension
   mismatch instead of silently loading a different model. `load_pruned` loads it with
   `ignore_mismatched_sizes=True` and `restore_novices` then puts the real routers and novices back.
 
-The novice vectors travel in the plan (`params["novice_vectors"]`, base64 float32 per layer), so
+The novice vectors travel in the plan (each layer's `novice_vectors`, base64 float32), so
 a saved plan applies without the statistics file; each costs H floats per novice.
 """
 
@@ -39,12 +39,6 @@ NOVICE_FILE = "moeprune_novices.safetensors"
 CONFIG_KEY = "moeprune_novices"
 MAP_BUFFER = "moeprune_expert_map"
 VECTOR_BUFFER = "moeprune_novice_vectors"
-
-
-# ---- plan payload (encoding lives next to the Plan: moeprune.plan) ---------------------------
-def plan_vectors(params: dict[str, Any], layer: int) -> torch.Tensor | None:
-    payload = (params or {}).get("novice_vectors", {}).get(str(layer))
-    return None if payload is None else decode_vectors(payload)
 
 
 # ---- forward -------------------------------------------------------------------------------
@@ -96,7 +90,7 @@ def install_novices(model: nn.Module, layer: MoELayer, lp: LayerPlan, vectors: t
     if sorted(lp.kept + novices) != list(range(e)):
         raise PlanError(f"{where}: with novices, every expert must be kept or a novice (router keeps all {e} rows)")
     if vectors is None:
-        raise PlanError(f"{where}: the plan has novices but no novice vectors (params['novice_vectors'])")
+        raise PlanError(f"{where}: the plan has novices but no novice vectors (novice_vectors)")
     if tuple(vectors.shape) != (len(novices), layer.layout.hidden_dim):
         raise PlanError(f"{where}: novice vectors have shape {tuple(vectors.shape)}, expected ({len(novices)}, {layer.layout.hidden_dim})")
     slice_module(layer.experts, torch.tensor(lp.kept, dtype=torch.long), e)

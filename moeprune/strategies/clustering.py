@@ -23,7 +23,8 @@ weights into every member's slot instead).
 
 Group-limited routers (DeepSeek-V3, GLM): hc-smoe and m-smoe cluster inside each routing group,
 keeping the same count per group; stun raises a PlanError (its counts are not equal per group).
-Merge options for `apply` are carried in the plan params `merge_align` and `merge_router`.
+Merge options for `apply` are carried by each layer plan (`merge_align`, `merge_router`); the
+plan params keep a record of them.
 """
 
 from __future__ import annotations
@@ -84,9 +85,19 @@ def _representative_first(cluster: list[int], freq: torch.Tensor) -> list[int]:
 
 
 def _merge_params(align: bool, router: str) -> dict[str, Any]:
+    """A record of the merge options for the plan params (the layers carry them: `with_merge_options`)."""
     if router not in ("representative", "average"):
         raise PlanError(f"router must be 'representative' or 'average', got {router!r}")
     return {"merge_align": bool(align), "merge_router": router}
+
+
+def with_merge_options(layers: dict[int, LayerPlan], align: bool, router: str) -> dict[int, LayerPlan]:
+    """Set the merge options on every layer plan that has groups; returns `layers`."""
+    _merge_params(align, router)
+    for lp in layers.values():
+        if lp.groups is not None:
+            lp.merge_align, lp.merge_router = bool(align), router
+    return layers
 
 
 def _check_budget(budget: str, name: str) -> None:
@@ -139,6 +150,7 @@ def hc_smoe(
             clusters += [[j] for j in fixed] + [_representative_first([free[i] for i in c], freq) for c in local]
         layers[index] = layer_plan_from_clusters(index, ls.num_experts, clusters, freq, [float(x) for x in freq])
     params = {"ratio": ratio, "protect_super": protect_super, **_merge_params(align, router)}
+    with_merge_options(layers, align, router)
     return Plan(strategy="hc-smoe", params=params, layers=layers, top_k=top_k, routing=routing)
 
 
@@ -179,6 +191,7 @@ def m_smoe(
             clusters += [[members[i] for i in c] for c in local]
         layers[index] = layer_plan_from_clusters(index, ls.num_experts, clusters, freq, [float(x) for x in freq])
     params = {"ratio": ratio, "protect_super": protect_super, **_merge_params(align, router)}
+    with_merge_options(layers, align, router)
     return Plan(strategy="m-smoe", params=params, layers=layers, top_k=top_k, routing=routing)
 
 
@@ -287,4 +300,5 @@ def stun(
             layers[index] = LayerPlan(layer=index, num_experts=ls.num_experts, kept=kept, scores=[float(x) for x in ls.count])
     params = {"ratio": ratio, "tau": tau, "distance": distance, "merge": merge, "protect_super": protect_super,
               "clusters": {str(i): sorted(c) for i, c in clusters.items()}, **_merge_params(False, "representative")}
+    with_merge_options(layers, False, "representative")
     return Plan(strategy="stun", params=params, layers=layers, top_k=top_k, routing=routing)

@@ -4,7 +4,7 @@ A reconstruction from the paper's description; no official code was found.
 
 1. Plan: drop the floor(E * ratio) experts with the least soft frequency (total gate mass), per
    layer (per routing group for group-limited routers). The plan's `scores` keep each expert's
-   gate mass and `params["dern_threshold"]` the similarity threshold.
+   gate mass and each layer's `recombine_threshold` the similarity threshold.
 2. Apply (`moeprune.apply.recombine.recombine_neurons`, run by `apply_plan` before slicing): split every dropped expert
    into neuron segments (W_gate[c, :], W_up[c, :], W_down[:, c], + gate/up biases). A segment goes
    to the retained expert holding the neuron most similar to it (cosine over the concatenated
@@ -36,5 +36,7 @@ def dern(
         raise PlanError(f"dern threshold must be a cosine in [0, 1] (>= 1 disables recombination), got {threshold}")
     per_token = lambda s, ls: s / ls.tokens.clamp_min(1)  # noqa: E731
     result = score_plan(stats, "dern", LayerStats.soft_frequency, per_token, ratio, budget, protect_super)
-    result.params["dern_threshold"] = float(threshold)
+    result.params["threshold"] = float(threshold)
+    for lp in result.layers.values():
+        lp.recombine_threshold = float(threshold)
     return result

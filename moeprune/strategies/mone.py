@@ -5,7 +5,7 @@ frequency) and phi_var_j = sqrt(sum_{X_j} ||f_j - mu_j||^2 / (|X_j| - 1)) (sprea
 outputs around their mean). Per layer the top P = E - floor(E * ratio) are kept; every other expert
 becomes a novice: the constant vector mu_j (its mean routed output). The router is unchanged, so
 tokens still route to novices and receive g_j(x) * mu_j. The novice vectors travel in the plan
-(`params["novice_vectors"]`), so `apply` needs no statistics; see `moeprune.apply.novice` for how
+(each layer's `novice_vectors`), so `apply` needs no statistics; see `moeprune.apply.novice` for how
 the result is saved and reloaded.
 """
 
@@ -40,12 +40,11 @@ def mone(stats: ExpertStats, ratio: float, budget: str = "layer", protect_super:
         r[protected[i]] = float("inf")
         ranked[i] = r
     kept = select_uniform(ranked, ratio, n_group)
-    layers, vectors = {}, {}
+    layers = {}
     for i, s in scores.items():
         novices = [j for j in range(s.numel()) if j not in kept[i]]
+        vectors = encode_vectors(stats.layers[i].output_mean()[novices]) if novices else None
         layers[i] = LayerPlan(layer=i, num_experts=s.numel(), kept=kept[i], scores=[float(x) for x in s],
-                              novices=novices or None)
-        if novices:
-            vectors[str(i)] = encode_vectors(stats.layers[i].output_mean()[novices])
-    params = {"ratio": ratio, "protect_super": protect_super, "novice_vectors": vectors}
+                              novices=novices or None, novice_vectors=vectors)
+    params = {"ratio": ratio, "protect_super": protect_super}
     return Plan(strategy="mone", params=params, layers=layers, top_k=top_k, routing=routing)
