@@ -51,6 +51,10 @@ def test_skipping_forward_equals_the_masked_computation(family):
     assert torch.allclose(skipped, reference, atol=1e-5)
     counts = skip_counts(model)
     assert counts["calls"] == 40 and counts["skipped"] == int(skip.sum())
+    install_dynamic_skip(model, {layer.layer: 0.6}, renormalize=True)  # installing again replaces, never stacks
+    with torch.no_grad():
+        experts(hidden, index, weights)
+    assert skip_counts(model)["calls"] == 40
 
 
 def _logits(model, ids):

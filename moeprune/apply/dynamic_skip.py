@@ -137,6 +137,8 @@ def install_dynamic_skip(model: nn.Module, betas: dict[int, float], renormalize:
         if not 0.0 <= float(beta) <= 1.0:
             raise ValueError(f"layer {index}: beta must be in [0, 1], got {beta}")
         inner = experts.__dict__.get("forward")
+        if isinstance(inner, functools.partial) and inner.func is skip_forward:  # re-install: replace, never stack
+            inner = inner.args[3]
         setattr(experts, _COUNTS, [0, 0])
         experts.forward = functools.partial(skip_forward, experts, float(beta), bool(renormalize), inner)
     entry = {"betas": {str(i): float(b) for i, b in sorted(betas.items())}, "renormalize": bool(renormalize),

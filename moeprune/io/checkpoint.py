@@ -154,10 +154,6 @@ def _restore_extensions(model: nn.Module, path: Path) -> None:
         from moeprune.apply.dynamic_skip import restore_dynamic_skip
 
         restore_dynamic_skip(model)
-    if getattr(model.config, "moeprune_dynamic_skip", None):  # NAEE dynamic skipping (wraps novices too)
-        from moeprune.apply.dynamic_skip import restore_dynamic_skip
-
-        restore_dynamic_skip(model)
 
 
 def _load_non_uniform(path: Path, config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
