@@ -83,7 +83,8 @@ def prune(
     check_seq_len(model.config, cal.seq_len)
     excluded = check_weights(model, allow=recipe.allow_nonfinite)
     fingerprint = model_fingerprint(model)
-    needs_ids = spec is None or spec.needs_calibration or recipe.sparsify is not None or recipe.router_kd is not None
+    needs_ids = spec is None or spec.needs_calibration or recipe.sparsify is not None or recipe.router_kd is not None \
+        or recipe.slim is not None
     ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed) if needs_ids else None
     stats, auto = None, None
     if spec is None:  # strategy auto: one calibration pass, every candidate scored on held-out sequences
@@ -91,7 +92,7 @@ def prune(
 
         auto = auto_select(model, recipe, ids, progress=progress, meta={"fingerprint": fingerprint})
         stats, ids = auto.stats, auto.planning_ids
-    elif spec.needs_calibration:  # calibration-free strategies (aimer) skip the pass entirely
+    elif (spec.needs_calibration and not recipe.patterns) or recipe.slim is not None:  # aimer, patterns: no pass
         dense = max(cal.dense_tokens, spec.dense_tokens)
         meta = {"source": cal.source, "seed": cal.seed, "num_hidden_layers": model.config.get_text_config().num_hidden_layers,
                 "fingerprint": fingerprint}
@@ -107,12 +108,21 @@ def prune(
         excluded[index] = sorted(set(excluded.get(index, [])) | set(experts))
     if auto is not None:
         result_plan = auto.plan
+    elif recipe.patterns:  # PreMoE: the query's nearest task pattern decides (moeprune.patterns)
+        from moeprune.patterns import load_patterns, retrieve_plan
+
+        result_plan = retrieve_plan(model, tokenizer, load_patterns(recipe.patterns), recipe.query, recipe.ratio)[0]
+        result_plan.model = fingerprint
     else:
         result_plan = plan(stats, recipe.strategy, recipe.ratio, model=model, **recipe.strategy_params())
     exclude_from_plan(result_plan, excluded)
     if result_plan.non_uniform_note():
         logger.warning(result_plan.non_uniform_note())
     apply_plan(model, result_plan)
+    if recipe.slim is not None:  # channel slimming inside the kept experts (moeprune.slimming)
+        from moeprune.slimming.run import slim_channels
+
+        slim_channels(model, stats, result_plan, **recipe.slim.kwargs())
     if recipe.sparsify is not None:
         from moeprune.sparsify.run import sparsify
 

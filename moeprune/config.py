@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from moeprune.io.loading import BUNDLED
 from moeprune.sparsify.config import SparsifyConfig
+from moeprune.slimming.config import SlimConfig
 from moeprune.auto.config import AUTO, AutoConfig
 from moeprune.recover.config import RouterKDConfig
 
@@ -43,6 +44,9 @@ class PruneRecipe(BaseModel):
     evaluate: bool = False
     eval_max_tokens: int = Field(32768, ge=16)
     sparsify: SparsifyConfig | None = None  # intra-expert pruning after the plan (moeprune.sparsify)
+    slim: SlimConfig | None = None  # channel slimming inside experts after the plan (moeprune.slimming)
+    patterns: str | None = None  # PreMoE task patterns file (`moeprune patterns`); the plan follows `query`
+    query: str | None = None  # text, or @FILE, matched to the nearest task pattern
     dynamic_skip: bool = False  # NAEE dynamic expert skipping at inference (moeprune.apply.dynamic_skip)
     auto: AutoConfig | None = None  # strategy: auto -- candidates, budgets, validation split (moeprune.auto)
     router_kd: RouterKDConfig | None = None  # router calibration after compression (moeprune.recover)
@@ -58,6 +62,12 @@ class PruneRecipe(BaseModel):
         if value != AUTO and value not in available_strategies():
             raise ValueError(f"unknown strategy {value!r}; available: {', '.join(available_strategies())}")
         return value
+
+    @model_validator(mode="after")
+    def _patterns_with_query(self) -> "PruneRecipe":
+        if bool(self.patterns) != bool(self.query):
+            raise ValueError("patterns and query go together: --patterns FILE --query TEXT (or @FILE)")
+        return self
 
     @model_validator(mode="after")
     def _known_params(self) -> "PruneRecipe":

@@ -26,6 +26,10 @@ main.add_command(plan_command, "plan")
 main.add_command(apply_command, "apply")
 main.add_command(prune_command, "prune")
 
+from moeprune.cli.patterns_cmd import patterns_command  # noqa: E402  (PreMoE task patterns)
+
+main.add_command(patterns_command, "patterns")
+
 try:
     from moeprune.cli.eval_cmd import eval_command
 

@@ -20,6 +20,7 @@ from moeprune.strategies import available_strategies, get_strategy, plan
 from moeprune.apply.surgery import apply_plan
 from moeprune.sparsify.cli_options import sparsify_options
 from moeprune.cli.method_options import naee_options
+from moeprune.slimming.cli_options import slim_options
 from moeprune.cli.load_options import load_options
 from moeprune.auto.cli_options import auto_options
 from moeprune.recover.cli_options import router_kd_options
@@ -143,6 +144,7 @@ def apply_command(model, plan_path, output, overwrite, force, load_overrides) ->
 @click.option("--eval/--no-eval", "evaluate", default=None, help="Print dense vs pruned held-out perplexity.")
 @sparsify_options
 @naee_options
+@slim_options
 @router_kd_options
 @auto_options
 @click.option("--offload/--no-offload", default=None,
@@ -168,7 +170,8 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
     from moeprune.cli.guards import prune_before_load
 
     offload = prune_before_load(recipe, offload, resume, work_dir, overwrite)  # output and inputs: before any work
-    if offload is None and not recipe.evaluate and recipe.sparsify is None and recipe.router_kd is None:
+    if (offload is None and not recipe.evaluate and recipe.sparsify is None and recipe.router_kd is None
+            and recipe.slim is None and not recipe.patterns):
         from moeprune.io.loading import resolve_model_path
         from moeprune.streaming.pipeline import should_offload
 
@@ -178,6 +181,8 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
 
         if recipe.evaluate or recipe.sparsify is not None:
             raise click.UsageError("--eval and intra-expert sparsification need the model in memory; drop --offload")
+        if recipe.slim is not None or recipe.patterns:
+            raise click.UsageError("channel slimming and task patterns (--slim-*, --patterns) run in memory only; drop --offload")
         if recipe.router_kd is not None:
             raise click.UsageError("router calibration (--router-kd / --router-kd-local) runs in memory only; drop --offload")
         if recipe.strategy == "auto":
@@ -200,6 +205,12 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
         done = result.plan.params["sparsity"]
         click.echo(f"intra-expert {done['method']}: expert sparsity {done['expert_sparsity']:.3f}, "
                    f"total with expert removal {done['total_sparsity']:.3f}")
+    if "slim" in result.plan.params:  # channel slimming (moeprune.slimming)
+        done = result.plan.params["slim"]
+        click.echo(f"channel slimming {done['method']}/{done['mode']}: {done['removed_share']:.3f} of expert channels removed, "
+                   f"stored width {done['storage']['width']}")
+    if "task" in result.plan.params:  # PreMoE task patterns (moeprune.patterns)
+        click.echo(f"query matched task {result.plan.params['task']!r} (L2 distance {result.plan.params['query_distance']:.4f})")
     if "router_kd" in result.plan.params:
         from moeprune.recover.cli_options import describe_report
 
