@@ -37,6 +37,13 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _rank_device() -> torch.device:
+    """This rank's GPU (`LOCAL_RANK`) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def rank_batches(ids: torch.Tensor, batch_size: int, rank: int, world: int) -> list[dict[str, torch.Tensor]]:
     """This rank's batches: batch b of the single-process split goes to rank b % world."""
     batches = [{"input_ids": ids[i : i + batch_size]} for i in range(0, ids.shape[0], batch_size)]
@@ -86,14 +93,14 @@ def distributed_calibrate(
         rank_dir = None if work_dir is None else Path(work_dir) / f"rank{rank}-of-{world}"
         stats = streamed_calibrate(
             resolve_model_path(model_path), batches, batch_size, dense_tokens, progress and rank == 0, meta,
-            work_dir=rank_dir, resume=resume, memory_budget=memory_budget,
+            work_dir=rank_dir, resume=resume, memory_budget=memory_budget, device=_rank_device(),
             fingerprint_extra={"rank": rank, "world": world},
         )
     else:
         from moeprune.calibration.observer import calibrate
         from moeprune.io.loading import load_model
 
-        model = load_model(model_path)[0]
+        model = load_model(model_path)[0].to(_rank_device())
         stats = calibrate(model, batches, batch_size, dense_tokens, progress and rank == 0, meta)
     return all_reduce_stats(stats)
 

@@ -177,3 +177,18 @@ def test_uncurl_applies_and_clusters_inside_routing_groups():
             assert len({j // 4 for j in group}) == 1  # n_group=2: clusters never cross groups
     apply_plan(model, result)
     assert all(layer.num_experts == 4 for layer in find_moe_layers(model))
+
+
+def test_merging_statistics_keeps_the_smallest_keys_of_the_union():
+    model = tiny_model("qwen3_moe")
+    ids = random_batch(272, batch=4, seq_len=8, seed=4)
+    a = calibrate(model, ids[:2], progress=False, sample_tokens=6, sample_seed=1)
+    b = calibrate(model, ids[2:], progress=False, sample_tokens=6, sample_seed=2)
+    merged = a.merge(b)
+    for index in a.layers:
+        keys = torch.cat([a.layers[index].tensors["sample_keys"], b.layers[index].tensors["sample_keys"]])
+        got = merged.layers[index].tensors
+        assert torch.equal(got["sample_keys"], keys.sort().values[:6])
+        rows = torch.cat([a.layers[index].tensors["sample_gram"], b.layers[index].tensors["sample_gram"]])
+        assert torch.equal(got["sample_gram"], rows[keys.argsort(stable=True)[:6]])
+        assert torch.equal(got["count"], a.layers[index].tensors["count"] + b.layers[index].tensors["count"])

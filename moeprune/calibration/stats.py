@@ -27,6 +27,7 @@ Per MoE layer, float64 accumulators over valid (non-padding) calibration tokens:
 | peu_maxp_sum     | []     | PreMoE: sum of the max local top-K_a probability (threshold r_l) |
 | dense_out_sum    | [E, H] | optional: sum of f_j over a token sample, every expert (HC-SMoE) |
 | dense_tokens     | []     | optional: size of that sample                                  |
+| sample_keys, sample_logits, sample_gates, sample_gram | [n], [n, E], [n, E], [n, E, E] | optional: seeded token sample with every expert's output Gram (NAEE, `token_sample.py`) |
 
 `merge` adds sums and takes maxima, so statistics of two halves merged equal the whole's.
 """
@@ -45,6 +46,8 @@ from moeprune.calibration.peu import PEU_BINS
 
 MAX_FIELDS = ("max_out", "max_act", "act_gmax")
 OPTIONAL_FIELDS = ("dense_out_sum", "dense_tokens")
+# optional token sample (calibration/token_sample.py, NAEE): rows, not sums; merged by smallest key
+SAMPLE_FIELDS = ("sample_keys", "sample_logits", "sample_gates", "sample_gram")
 FORMAT_VERSION = 1
 
 
@@ -97,13 +100,25 @@ class LayerStats:
 
     def merge_(self, other: "LayerStats") -> "LayerStats":
         for name, value in other.tensors.items():
+            if name in SAMPLE_FIELDS:
+                continue
             if name not in self.tensors:
                 self.tensors[name] = value.clone()
             elif name in MAX_FIELDS:
                 torch.maximum(self.tensors[name], value, out=self.tensors[name])
             else:
                 self.tensors[name] += value
+        if "sample_keys" in other.tensors:
+            self._merge_sample(other)
         return self
+
+    def _merge_sample(self, other: "LayerStats") -> None:
+        """A token sample is rows, not sums: the union, cut back to the larger size by smallest key."""
+        mine = {n: self.tensors.get(n, other.tensors[n][:0]) for n in SAMPLE_FIELDS}
+        size = max(mine["sample_keys"].numel(), other.tensors["sample_keys"].numel())
+        joined = {n: torch.cat([mine[n], other.tensors[n]]) for n in SAMPLE_FIELDS}
+        order = torch.argsort(joined["sample_keys"], stable=True)[:size]
+        self.tensors.update({n: joined[n][order] for n in SAMPLE_FIELDS})
 
     # ---- derived quantities used by strategies ---------------------------------------------
     def frequency(self) -> torch.Tensor:

@@ -19,7 +19,9 @@ router (logits) and a forward pre-hook on the experts module (its inputs: hidden
 indices, gates), so this runs next to the `Observer`'s own patch and in the streamed layer loop.
 
 Fields added to each layer's statistics (float64, rows sorted by key): `sample_keys` [n],
-`sample_logits` [n, E], `sample_gates` [n, E], `sample_gram` [n, E, E].
+`sample_logits` [n, E], `sample_gates` [n, E], `sample_gram` [n, E, E]. Merging statistics keeps
+the smallest keys of the union (`LayerStats.merge_`); distributed ranks draw the same key sequence,
+so a merged sample is a fair subset of the union but not a uniform sample of it.
 """
 
 from __future__ import annotations
@@ -31,9 +33,7 @@ from torch import nn
 
 from moeprune.adapters import MoELayer
 from moeprune.calibration.capture import run_experts
-from moeprune.calibration.stats import LayerStats
-
-SAMPLE_FIELDS = ("sample_keys", "sample_logits", "sample_gates", "sample_gram")
+from moeprune.calibration.stats import SAMPLE_FIELDS, LayerStats
 
 
 def empty_sample(num_experts: int) -> dict[str, torch.Tensor]:
@@ -47,13 +47,6 @@ def keep_smallest(tensors: dict[str, torch.Tensor], size: int) -> dict[str, torc
     keys = tensors["sample_keys"]
     order = torch.argsort(keys, stable=True)[:size]
     return {name: tensors[name][order] for name in SAMPLE_FIELDS}
-
-
-def merge_samples(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Union of two samples cut back to the larger of their sizes (for merging statistics)."""
-    size = max(a["sample_keys"].numel(), b["sample_keys"].numel())
-    joined = {name: torch.cat([a[name], b[name]]) for name in SAMPLE_FIELDS}
-    return keep_smallest(joined, size)
 
 
 def expert_gram(experts: nn.Module, hidden: torch.Tensor, num_experts: int) -> torch.Tensor:

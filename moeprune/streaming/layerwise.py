@@ -179,7 +179,7 @@ def streamed_calibrate(
     work_dir: str | Path | None = None,
     resume: bool = False,
     memory_budget: str | int = "4GB",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     on_layer_done: Callable[[int], None] | None = None,
     fingerprint_extra: dict | None = None,
@@ -191,10 +191,16 @@ def streamed_calibrate(
     `memory_budget` bounds the hidden states kept in memory (the rest spill to disk); `work_dir`
     makes the run resumable (`resume=True` continues a killed run); `on_layer_done(i)` is called
     after decoder layer i is committed (a test hook); `sample_tokens`/`sample_seed` as in `calibrate`.
+    Layers are computed in `dtype` (default: the checkpoint's own, so bf16 stays bf16; no float32
+    upcast) on `device`; the statistics accumulate in float64 on the CPU whatever both are.
     """
+    from moeprune.io.loading import resolve_dtype
+
     path, device = Path(path), torch.device(device)
+    dtype = resolve_dtype(dtype, path)
     batches = _as_batches(data, batch_size)
     model = build_skeleton(path, dtype)
+    _resident_to_device(model, device)  # rotary tables and other buffers built outside the shards
     ckpt = LazyCheckpoint(path)
     keymap = KeyMap(model, ckpt.keys())
     prefix, layers = decoder_layers(model)
@@ -228,7 +234,7 @@ def streamed_calibrate(
             hidden, batch_calls = _capture_inputs(model, layers, batch, device)
             calls.append(batch_calls)
             if done < 0:
-                current.put(b, hidden)
+                current.put(b, _to_host(hidden))
         release(model, embed_names)
         if done >= 0:
             current = ActivationStore.from_directory(work.acts_dir(done), len(batches), budget)
@@ -248,11 +254,11 @@ def streamed_calibrate(
                 args, kwargs = calls[b][index]
                 mask = batch.get("attention_mask")
                 observer.set_mask(mask)
-                hidden = current.get(b)
+                hidden = current.get(b).to(device)  # activations wait in host memory (or on disk)
                 tick = time.perf_counter()
                 out = layers[index](hidden, *args, **kwargs)
                 forward_s += time.perf_counter() - tick
-                outputs.put(b, out[0] if isinstance(out, tuple) else out)
+                outputs.put(b, _to_host(out[0] if isinstance(out, tuple) else out))
             release(model, names)
             if work is not None:
                 outputs.persist()
@@ -277,6 +283,22 @@ def streamed_calibrate(
         info.update(sample_tokens=int(sample_tokens), sample_seed=int(sample_seed))
     info.update(meta or {})
     return observer.result(info)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    return t if t.device.type == "cpu" else t.to("cpu")
+
+
+def _resident_to_device(model: nn.Module, device: torch.device) -> None:
+    """Move the skeleton's real (non-meta) tensors, e.g. rotary `inv_freq`, to the compute device."""
+    if device.type == "cpu":
+        return
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for key, value in list(store.items()):
+                if value is not None and value.device.type != "meta":
+                    moved = value.data.to(device) if isinstance(value, nn.Parameter) else value.to(device)
+                    store[key] = nn.Parameter(moved, requires_grad=False) if isinstance(value, nn.Parameter) else moved
 
 
 def _to_device(model: nn.Module, names: list[str], device: torch.device) -> None:
