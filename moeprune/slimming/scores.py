@@ -36,7 +36,7 @@ def camera_energy(stats: LayerStats, down: torch.Tensor, alpha: float = 0.9) -> 
     _need(stats, "act_gsq_sum", "act_gmax")
     if not 0.0 <= alpha <= 1.0:
         raise PlanError(f"camera alpha must be in [0, 1], got {alpha}")
-    col = down.double().pow(2).sum(1)  # ||W_down[:, i]||^2 per expert [E, I]
+    col = down.detach().double().cpu().pow(2).sum(1)  # ||W_down[:, i]||^2 per expert [E, I]
     return col * ((1.0 - alpha) * stats.act_gsq_sum + alpha * stats.act_gmax)
 
 
