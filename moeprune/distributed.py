@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         from moeprune.calibration.data import calibration_ids
         from moeprune.io.loading import resolve_model_path
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
+        from moeprune.io.loading import trust_remote_code
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model), trust_remote_code=trust_remote_code())
         ids = calibration_ids(args.calibration, tokenizer, args.samples, args.seq_len, args.seed)
     meta = {"model": args.model, "source": args.ids or args.calibration}
     stats = distributed_calibrate(

@@ -157,3 +157,21 @@ def exclude_from_plan(plan, excluded: dict[int, list[int]]) -> None:
                 lp.group_weights = [lp.group_weights[s] for s in order] if lp.group_weights is not None else None
     plan.params["nonfinite_excluded"] = {str(i): e for i, e in sorted(excluded.items())}
     plan.validate()
+
+
+def check_loaded(model: nn.Module, names: list[str]) -> None:
+    """Raise NonFiniteError when one of the just-loaded tensors `names` holds NaN/Inf (streamed
+    calibration checks each decoder layer as it is read), naming the tensor and, for per-expert
+    tensors of a MoE layer, the expert."""
+    tensors = dict(model.named_parameters())
+    for name in names:
+        t = tensors.get(name)
+        if t is None or not t.is_floating_point() or bool(torch.isfinite(t.detach()).all()):
+            continue
+        for layer in find_moe_layers(model):
+            per_expert = _per_expert_tensors(model, layer)
+            if name in per_expert:
+                j = int((~torch.isfinite(t.detach())).reshape(t.shape[0], -1).any(1).nonzero()[0])
+                raise NonFiniteError(f"layer {layer.layer}, expert {j}: {name} holds NaN/Inf; fix or re-download the "
+                                     "checkpoint, or drop --offload and pass --allow-nonfinite to drop the broken experts")
+        raise NonFiniteError(f"tensor {name} holds NaN/Inf; fix or re-download the checkpoint")

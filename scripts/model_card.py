@@ -75,8 +75,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, trust_remote_code=False).eval()
+    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     cfg = model.config
     n_experts = cfg.num_experts
 

@@ -124,6 +124,14 @@ def check_local_checkpoint(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
     config_dtype(path)  # invalid JSON -> one line
+    from transformers import AutoConfig
+
+    try:  # an unknown model_type with auto_map fails here, without a prompt, unless --trust-remote-code
+        AutoConfig.from_pretrained(path, trust_remote_code=_TRUST_REMOTE_CODE)
+    except (ValueError, KeyError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = " (pass --trust-remote-code only if you trust its code)" if "auto_map" in (path / "config.json").read_text() else ""
+        raise ValueError(f"{path}: cannot read its config: {first}{hint}") from err
     has_safetensors = any(path.glob("*.safetensors"))
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickles and not has_safetensors:

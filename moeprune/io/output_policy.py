@@ -6,6 +6,7 @@ work directories) goes through `check_output` before any work starts:
 * an output that is, contains, or lies inside an input is refused;
 * the nearest existing ancestor of the output must be a writable directory (missing parents are
   created);
+* a previous output that a killed run had moved aside (`.{name}.old-*`) is put back first;
 * an existing output is replaced only when it is a previous moeprune output of the same kind
   (a checkpoint directory with `moeprune_complete.json` or `moeprune_plan.json`, a statistics
   file with moeprune's safetensors header, a plan JSON) and `overwrite` is set; anything else is
@@ -95,6 +96,8 @@ def check_output(
     out = _resolve(path)
     _overlap(out, inputs, what)
     _check_parent(out, what)
+    if kind == "checkpoint":
+        restore_previous(out)
     if not out.exists():
         if out.is_symlink():
             raise OutputPathError(f"{what} {out} is a broken link; remove it or choose another path")
@@ -130,12 +133,33 @@ def temp_sibling(out: Path, tag: str = "partial") -> Path:
     return out.parent / f".{out.name}.{tag}-{uuid.uuid4().hex[:8]}"
 
 
+def _stale_pattern(out: Path) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(out.name)}\.(partial|old)-[0-9a-f]{{8}}$")
+
+
+def restore_previous(out: Path) -> bool:
+    """A run killed while publishing may have moved the previous output aside (`.{name}.old-*`)
+    before renaming the new one into place; when `out` is missing, put the previous one back."""
+    if out.exists() or not out.parent.is_dir():
+        return False
+    pattern = _stale_pattern(out)
+    olds = [e for e in out.parent.iterdir() if pattern.match(e.name) and ".old-" in e.name and is_moeprune_checkpoint(e)]
+    if not olds:
+        return False
+    os.replace(max(olds, key=lambda e: e.stat().st_mtime), out)
+    logger.warning("restored the previous output %s (an earlier run was killed while replacing it)", out)
+    return True
+
+
 def clean_stale(out: str | Path) -> list[Path]:
-    """Remove `.{name}.partial-*` / `.{name}.old-*` leftovers of earlier (killed) runs next to `out`."""
+    """Remove `.{name}.partial-*` / `.{name}.old-*` leftovers of earlier (killed) runs next to `out`.
+
+    Call `restore_previous` first (`check_output` does) so a previous output moved aside by a
+    killed publish is put back rather than removed."""
     out = _resolve(out)
     if not out.parent.is_dir():
         return []
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(partial|old)-[0-9a-f]{{8}}$")
+    pattern = _stale_pattern(out)
     removed = []
     for entry in out.parent.iterdir():
         if pattern.match(entry.name):

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from moeprune.adapters import find_moe_layers
 from moeprune.calibration.observer import Observer
 from moeprune.calibration.stats import ExpertStats
+from moeprune.nonfinite import check_loaded
 from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
 from moeprune.streaming.resume import WorkDir, load_activation, save_activation, tensor_digest
 from moeprune.streaming.writer import parse_size
@@ -243,6 +244,7 @@ def streamed_calibrate(
         for index in bar:
             tick = time.perf_counter()
             names = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
+            check_loaded(model, names)  # NaN/Inf in the layer just read: one line naming tensor and expert
             _to_device(model, names, device)
             load_s += time.perf_counter() - tick
             out_dir = work.partial_acts_dir(index) if work is not None else Path(scratch.name) / f"out{index % 2}"

@@ -87,11 +87,16 @@ def prune_offloaded(
 
     if recipe.dynamic_skip:
         raise ValueError("--dynamic-skip fits its betas on the pruned model in memory; drop --offload")
+    if recipe.slim is not None or recipe.patterns:
+        raise ValueError("channel slimming and task patterns (slim:, patterns:) run in memory only; drop --offload")
     path = Path(resolve_model_path(recipe.model))
     if not path.is_dir():
         raise FileNotFoundError(f"--offload needs a local checkpoint directory; {recipe.model} is not one (download it first)")
     spec = get_strategy(recipe.strategy)
     spec.check_streamable()  # before any calibration
+    from moeprune.devices import resolve_device
+
+    device = resolve_device(recipe.device)  # layers are materialised and run there; a missing GPU fails now
     checked = _preflight(recipe, path, overwrite, work_dir)  # inputs, output and work dir: before any work
     if not spec.needs_calibration:  # calibration-free (AIMER): read only expert weights from the shards
         from moeprune.streaming.expert_reader import LazyExpertWeights
@@ -119,11 +124,18 @@ def prune_offloaded(
     ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed)
     meta = {"source": cal.source, "seed": cal.seed, "num_hidden_layers": config.get("num_hidden_layers"), "offload": True,
             "fingerprint": checkpoint_fingerprint(path)}
-    stats = streamed_calibrate(
-        path, ids, batch_size=cal.batch_size, dense_tokens=max(cal.dense_tokens, spec.dense_tokens), progress=progress,
-        meta=meta, work_dir=work_dir, resume=resume, memory_budget=memory_budget, dtype=dtype,
-        sample_tokens=spec.sample_tokens(recipe.strategy_params()), sample_seed=cal.seed,
-    )
+    try:
+        stats = streamed_calibrate(
+            path, ids, batch_size=cal.batch_size, dense_tokens=max(cal.dense_tokens, spec.dense_tokens), progress=progress,
+            meta=meta, work_dir=work_dir, resume=resume, memory_budget=memory_budget, dtype=dtype, device=device,
+            sample_tokens=spec.sample_tokens(recipe.strategy_params()), sample_seed=cal.seed,
+        )
+    except Exception:  # an error (not a kill) before any layer was committed leaves nothing to resume
+        if work_dir is not None and not (Path(work_dir) / "progress.json").is_file():
+            from moeprune.io.output_policy import remove_work_dir
+
+            remove_work_dir(work_dir)
+        raise
     check_stats(stats)  # NaN/Inf: one line naming layer and experts
     result_plan = plan(stats, recipe.strategy, recipe.ratio, **recipe.strategy_params())
     if result_plan.non_uniform_note():
