@@ -1,0 +1,1 @@
+"""Recovery after compression: router calibration (Router KD, global and layer-local)."""
