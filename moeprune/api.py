@@ -87,6 +87,7 @@ def prune(
         or recipe.slim is not None
     ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed) if needs_ids else None
     stats, auto = None, None
+    calibration_tokens = ids  # every calibration sequence (auto splits it); router KD draws apart from all
     if spec is None:  # strategy auto: one calibration pass, every candidate scored on held-out sequences
         from moeprune.auto.select import auto_select
 
@@ -103,7 +104,7 @@ def prune(
         from moeprune.recover.run import prepare_router_kd
 
         kd_prep = prepare_router_kd(model, tokenizer, recipe.router_kd, cal.source, cal.seq_len, cal.seed,
-                                    planning_ids=ids, batch_size=cal.batch_size, progress=progress)
+                                    planning_ids=calibration_tokens, batch_size=cal.batch_size, progress=progress)
     for index, experts in (check_stats(stats, allow=recipe.allow_nonfinite) if stats is not None else {}).items():
         excluded[index] = sorted(set(excluded.get(index, [])) | set(experts))
     if auto is not None:
