@@ -102,8 +102,9 @@ def main() -> None:
     agree_ids = torch.cat([data["code"][: args.agree_tokens], data["prose"][: args.agree_tokens]])
     ids = calibration_ids("builtin:mixed", tokenizer, args.samples, args.seq_len, args.seed)
     dense_tokens = max(get_strategy(s).dense_tokens for s in strategies)
-    stats = calibrate(dense, ids, dense_tokens=dense_tokens, progress=False,
-                      meta={"num_hidden_layers": dense.config.num_hidden_layers})
+    sample_tokens = max(get_strategy(s).sample_tokens() for s in strategies)  # NAEE's token sample
+    stats = calibrate(dense, ids, dense_tokens=dense_tokens, progress=False, sample_tokens=sample_tokens,
+                      sample_seed=args.seed, meta={"num_hidden_layers": dense.config.num_hidden_layers})
     rows = [{"strategy": "dense", "ratio": "0", "experts/layer": stats.layers[min(stats.layers)].num_experts,
              **measure(dense, dense, data, agree_ids, args.seq_len)}]
     print(format_table(rows[-1:]), flush=True)
