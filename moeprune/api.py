@@ -61,6 +61,7 @@ def prune(
 
     Everything about the output and the inputs is checked before the model is loaded or any
     calibration runs (`moeprune.io.output_policy`, `moeprune.io.input_checks`)."""
+    from moeprune.devices import move_model, resolve_device
     from moeprune.fingerprint import model_fingerprint
     from moeprune.io.input_checks import check_seq_len, check_text_source
     from moeprune.io.loading import resolve_model_path, set_trust_remote_code
@@ -74,8 +75,11 @@ def prune(
     if recipe.output:
         source = resolve_model_path(recipe.model) if model is None else getattr(model, "name_or_path", None)
         check_output(recipe.output, [source], kind="checkpoint", overwrite=overwrite)
-    if model is None:
-        model, tokenizer, source_path = load_model(recipe.model, dtype=recipe.dtype)
+    device = resolve_device(recipe.device)  # a missing GPU fails here, before loading
+    if model is None or recipe.device != "auto":  # a model handed in stays where it is unless asked
+        if model is None:
+            model, tokenizer, source_path = load_model(recipe.model, dtype=recipe.dtype)
+        move_model(model, device)
     if tokenizer is None:
         raise ValueError("calibration needs a tokenizer; the model directory has none")
     spec = None if recipe.strategy == AUTO else get_strategy(recipe.strategy)

@@ -53,6 +53,7 @@ class PruneRecipe(BaseModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: the checkpoint's own dtype
     trust_remote_code: bool = False  # run the checkpoint's own Python code (auto_map); never by default
     allow_nonfinite: bool = False  # drop (and report) experts with NaN/Inf weights instead of failing
+    device: str = "auto"  # cpu | cuda | cuda:N | auto (CUDA when available): where the model runs (moeprune.devices)
 
     @field_validator("strategy")
     @classmethod
@@ -62,6 +63,13 @@ class PruneRecipe(BaseModel):
         if value != AUTO and value not in available_strategies():
             raise ValueError(f"unknown strategy {value!r}; available: {', '.join(available_strategies())}")
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_syntax(cls, value: str) -> str:
+        from moeprune.devices import check_device_spec
+
+        return check_device_spec(value)
 
     @model_validator(mode="after")
     def _patterns_with_query(self) -> "PruneRecipe":

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 from moeprune.adapters import find_moe_layers
 from moeprune.calibration.capture import patch_forward, run_experts
 from moeprune.calibration.observer import calibrate
+from moeprune.devices import resolve_device
 
 
 def bench_model(experts: int, top_k: int) -> torch.nn.Module:
@@ -44,11 +45,11 @@ def dense_observer(model, ids, batch):
     sums = {}
     for layer in find_moe_layers(model):
         e = layer.num_experts
-        sums[layer.layer] = torch.zeros(e, dtype=torch.float64)
+        sums[layer.layer] = torch.zeros(e, dtype=torch.float64, device=model.device)
 
         def sink(expert_ids, token_ids, gates, act, out, top_k_index, hidden, layer=layer, e=e):
             n = hidden.shape[0]
-            ids_all = torch.arange(e).repeat_interleave(n)
+            ids_all = torch.arange(e, device=hidden.device).repeat_interleave(n)
             _, f = run_experts(layer.experts, hidden.repeat(e, 1), ids_all)
             sums[layer.layer] += f.double().norm(dim=-1).view(e, n).sum(1)
 
@@ -68,9 +69,13 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (moeprune.devices).")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
-    model = bench_model(args.experts, args.top_k)
+    device = resolve_device(args.device)
+    model = bench_model(args.experts, args.top_k).to(device=device, dtype=getattr(torch, args.dtype))
     ids = torch.randint(0, model.config.vocab_size, (args.tokens // args.seq_len, args.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
     runs = {
         "plain forward (grouped_mm)": lambda: plain(model, ids, args.batch),
         "moeprune observer": lambda: calibrate(model, ids, batch_size=args.batch, progress=False),
@@ -82,10 +87,13 @@ def main() -> None:
         for name, fn in runs.items():
             start = time.perf_counter()
             fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(t) for name, t in times.items()}
     base = med["plain forward (grouped_mm)"]
-    print(f"{args.experts} experts, top-{args.top_k}, {ids.numel()} tokens, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{args.experts} experts, top-{args.top_k}, {ids.numel()} tokens, {args.dtype} on {device} "
+          f"({torch.get_num_threads()} CPU threads), median of {args.repeats}")
     print("| run | seconds | vs plain forward |")
     print("|---|---|---|")
     for name, t in med.items():

@@ -96,10 +96,10 @@ def permute_neurons(t: dict[str, torch.Tensor], j: int, perm: torch.Tensor) -> N
 def alignment(t: dict[str, torch.Tensor], reference: int, member: int) -> torch.Tensor:
     """Permutation of `member`'s neurons that best matches `reference`'s (linear sum assignment)."""
     sim = neuron_features(t, reference).double() @ neuron_features(t, member).double().T
-    rows, cols = linear_sum_assignment(sim.numpy(), maximize=True)
+    rows, cols = linear_sum_assignment(sim.cpu().numpy(), maximize=True)  # scipy: on the CPU
     perm = torch.empty(len(rows), dtype=torch.long)
     perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
-    return perm
+    return perm.to(t["down"].device)
 
 
 # ---- merging ---------------------------------------------------------------------------------
@@ -118,8 +118,8 @@ def _merge_router_rows(layer: MoELayer, group: list[int], w: torch.Tensor) -> No
             tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
             for _, t in tensors:
                 if t.dim() >= 1 and t.shape[0] == e and t.is_floating_point():
-                    rows = t[idx].double()
-                    avg = (w.view(-1, *([1] * (rows.dim() - 1))) * rows).sum(0)
+                    rows = t[idx.to(t.device)].double()
+                    avg = (w.to(rows.device).view(-1, *([1] * (rows.dim() - 1))) * rows).sum(0)
                     t[group[0]] = avg.to(t.dtype)
 
 

@@ -48,7 +48,9 @@ def recombine_neurons(layer: MoELayer, lp: LayerPlan, threshold: float) -> int:
         return 0
     t = read_experts(layer)
     e, width = layer.num_experts, layer.layout.intermediate_dim
+    device = t["down"].device  # computed where the layer lives (CPU or GPU)
     mass = torch.tensor(lp.scores, dtype=torch.float64) if lp.scores else torch.ones(e, dtype=torch.float64)
+    mass = mass.to(device)
     mass = mass.clamp_min(1e-12)
     kept = list(lp.kept)
     own = _segments(t, kept)
@@ -67,7 +69,7 @@ def recombine_neurons(layer: MoELayer, lp: LayerPlan, threshold: float) -> int:
         target, w = target[take], mass[d]
         for k, v in seg.items():
             sums[k].index_add_(0, target, v[take] * w)
-        total.index_add_(0, target, torch.full((int(take.sum()),), float(w), dtype=torch.float64))
+        total.index_add_(0, target, torch.full((int(take.sum()),), float(w), dtype=torch.float64, device=device))
         assigned += int(take.sum())
     for k, v in sums.items():
         merged = v / (total.unsqueeze(1) if v.dim() == 2 else total)

@@ -12,6 +12,7 @@ import click
 import torch
 
 from moeprune.cli.errors import user_errors
+from moeprune.cli.device_options import device_option
 from moeprune.cli.load_options import load_options
 from moeprune.evaluation.agreement import compare_models
 from moeprune.evaluation.perplexity import encode_texts, perplexity_from_ids
@@ -19,15 +20,17 @@ from moeprune.evaluation.report import print_table, write_csv, write_json
 from moeprune.evaluation.text_sources import load_texts
 
 log = logging.getLogger(__name__)
-_LOAD = {"dtype": "auto"}  # --dtype of the running command (load_options)
+_LOAD = {"dtype": "auto", "device": "auto"}  # --dtype (load_options) and --device of the running command
 
 
 def _load(path: str):
     """Load a model and its tokenizer: builtin names, stock and moeprune (non-uniform, novice) outputs."""
     from moeprune.io.loading import load_model
 
+    from moeprune.devices import move_model, resolve_device
+
     model, tokenizer, _ = load_model(path, dtype=_LOAD["dtype"], check_moe=False)
-    return model.eval(), tokenizer
+    return move_model(model, resolve_device(_LOAD["device"])).eval(), tokenizer
 
 
 def place_at_original_experts(values, kept: list, num_experts: int):
@@ -99,12 +102,16 @@ def evaluate_models(
 @click.option("--routing-plot", "routing_path", type=click.Path(dir_okay=False), default=None,
               help="PNG heatmaps of per-layer routing frequency, MODEL vs the first --compare model.")
 @load_options()
+@device_option()
 @user_errors
 def eval_command(model: str, compare: tuple[str, ...], data: tuple[str, ...], seq_len: int,
                  max_tokens: int | None, batch_size: int, json_path: str | None, csv_path: str | None,
-                 plot_path: str | None, routing_path: str | None, load_overrides: dict) -> None:
+                 plot_path: str | None, routing_path: str | None, load_overrides: dict, device: str | None) -> None:
     """Evaluate MODEL (and --compare models) on held-out text."""
+    from moeprune.devices import resolve_device
+
     _LOAD["dtype"] = load_overrides["dtype"] or "auto"
+    _LOAD["device"] = str(resolve_device(device or "auto"))  # a missing GPU fails before loading
     rows = evaluate_models([model, *compare], list(data), seq_len, max_tokens, batch_size)
     print_table(rows)
     if json_path:

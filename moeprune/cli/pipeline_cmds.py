@@ -15,6 +15,8 @@ from moeprune.cli.errors import user_errors
 from moeprune.config import load_recipe
 from moeprune.io.checkpoint import save_pruned
 from moeprune.io.loading import BUNDLED, load_model
+from moeprune.cli.device_options import device_option
+from moeprune.devices import move_model, resolve_device
 from moeprune.plan import Plan
 from moeprune.strategies import available_strategies, get_strategy, plan
 from moeprune.apply.surgery import apply_plan
@@ -59,17 +61,20 @@ def _strategy_options(fn):
 @click.option("--output", "-o", required=True, type=click.Path(), help="Statistics file (.safetensors).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing moeprune statistics file.")
 @load_options()
+@device_option()
 @user_errors
 def calibrate_command(model, calibration, samples, seq_len, seed, batch_size, dense_tokens, output, overwrite,
-                      load_overrides) -> None:
+                      load_overrides, device) -> None:
     """Collect routing and expert statistics in one pass."""
     from moeprune.cli.guards import calibration_after_load, calibration_before_load
 
     recipe = load_recipe(None, {"model": model, "calibration.source": calibration, "calibration.samples": samples,
                                 "calibration.seq_len": seq_len, "calibration.seed": seed, "calibration.batch_size": batch_size,
-                                **load_overrides})
+                                **load_overrides, "device": device})
     out = calibration_before_load(recipe, output, overwrite)  # output and source: checked before loading
+    where = resolve_device(recipe.device)  # a missing GPU fails before loading
     loaded, tokenizer, _ = load_model(recipe.model, dtype=recipe.dtype)
+    move_model(loaded, where)
     cal = recipe.calibration
     fingerprint = calibration_after_load(recipe, loaded)  # seq-len warning, NaN/Inf weights, fingerprint
     ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed)
@@ -154,16 +159,17 @@ def apply_command(model, plan_path, output, overwrite, force, load_overrides) ->
 @click.option("--work-dir", type=click.Path(), help="With --offload: resumable per-layer checkpoints (default next to --output).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory (atomically, when complete).")
 @load_options(allow_nonfinite=True)
+@device_option()
 @user_errors
 def prune_command(model, config_path, strategy, ratio, budget, protect_super, calibration, samples, seq_len, seed,
                   batch_size, output, evaluate, sparsify_overrides, router_kd_overrides, auto_overrides, offload, resume, memory_budget, work_dir,
-                  overwrite, load_overrides) -> None:
+                  overwrite, load_overrides, device) -> None:
     """Calibrate, plan, apply and save in one go."""
     recipe = load_recipe(config_path, {
         "model": model, "strategy": strategy, "ratio": ratio, "budget": budget, "protect_super": protect_super,
         "calibration.source": calibration, "calibration.samples": samples, "calibration.seq_len": seq_len,
         "calibration.seed": seed, "calibration.batch_size": batch_size, "output": output, "evaluate": evaluate,
-        **sparsify_overrides, **router_kd_overrides, **auto_overrides, **load_overrides,
+        **sparsify_overrides, **router_kd_overrides, **auto_overrides, **load_overrides, "device": device,
     })
     if not recipe.output:
         raise click.UsageError("--output is required (or `output:` in the recipe)")
@@ -196,6 +202,7 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
         from moeprune.cli.prune_eval import heldout_perplexities
 
         loaded, tokenizer, _ = load_model(recipe.model, dtype=recipe.dtype)
+        move_model(loaded, resolve_device(recipe.device))
         dense_ppl = heldout_perplexities(loaded, tokenizer, recipe.eval_max_tokens)
         result = prune(recipe, model=loaded, tokenizer=tokenizer, overwrite=overwrite)
     else:

@@ -86,11 +86,11 @@ def expert_weight_matrix(layer: MoELayer) -> torch.Tensor:
         bias = getattr(experts, name, None)
         if isinstance(bias, torch.Tensor) and bias.dim() == 2 and bias.shape[0] == e:
             parts.append(bias.detach())
-    return torch.cat([p.double() for p in parts], dim=1)
+    return torch.cat([p.double().cpu() for p in parts], dim=1)  # planning runs on the CPU
 
 
 def router_weight(layer: MoELayer) -> torch.Tensor:
     weight = getattr(layer.router, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise PlanError(f"layer {layer.layer}: router has no 2-D weight to compare experts by")
-    return weight.detach()
+    return weight.detach().cpu()
