@@ -116,3 +116,13 @@ def test_cli_naee_with_dynamic_skip_in_memory_and_naee_streamed(tmp_path):
     refused = CliRunner().invoke(main, ["prune", str(src), *common, "--dynamic-skip", "--offload",
                                         "--output", str(tmp_path / "no")])
     assert refused.exit_code != 0 and "offload" in refused.output
+
+
+def test_routers_without_renormalisation_just_lose_the_skipped_term():
+    from moeprune.apply.dynamic_skip import gate_ratios
+
+    model = tiny_model("qwen2_moe")  # norm_topk_prob=False
+    ids = random_batch(272, batch=2, seq_len=8, seed=5)
+    ratios, renormalize = gate_ratios(model, ids, progress=False)
+    assert renormalize is False and all(((r > 0) & (r <= 1)).all() for r in ratios.values())
+    assert calibrate_dynamic_skip(tiny_model("qwen3_moe"), ids, progress=False)["renormalize"] is True
