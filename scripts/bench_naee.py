@@ -1,6 +1,6 @@
 """NAEE, UNCURL and dynamic skipping on a bundled model, over calibration seeds.
 
-Per seed: one calibration pass (built-in mixed train split, with NAEE's token sample), then each
+Per seed: one calibration pass (--calibration, default the built-in mixed train split, with NAEE's token sample), then each
 (strategy, ratio) prunes a fresh copy of the dense model in memory; held-out code and prose
 perplexity (built-in held-out split). NAEE runs both ways where it can: exact enumeration
 (max_subsets raised so that C(16, 8) = 12,870 fits) and greedy; their kept sets and relative
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="*", default=["naee-exact", "naee-greedy", "uncurl", "reap", "frequency"])
     parser.add_argument("--skip", nargs="*", default=["dense", "naee-exact@0.25", "reap@0.25", "naee-exact@0.5"],
                         help="models to fit dynamic skipping on: dense, or STRATEGY@RATIO among the rows")
+    parser.add_argument("--calibration", default="builtin:mixed", help="calibration source (task data for uncurl)")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--sample-tokens", type=int, default=2048)
@@ -61,7 +62,7 @@ def main() -> None:
     print(rows[-1], flush=True)
     for seed in args.seeds:
         started = time.time()
-        ids = calibration_ids("builtin:mixed", tokenizer, args.samples, args.seq_len, seed)
+        ids = calibration_ids(args.calibration, tokenizer, args.samples, args.seq_len, seed)
         stats = calibrate(dense, ids, progress=False, sample_tokens=args.sample_tokens, sample_seed=seed,
                           meta={"num_hidden_layers": dense.config.num_hidden_layers})
         print(f"seed {seed}: calibrated in {time.time() - started:.0f} s", flush=True)

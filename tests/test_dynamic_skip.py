@@ -126,3 +126,19 @@ def test_routers_without_renormalisation_just_lose_the_skipped_term():
     ratios, renormalize = gate_ratios(model, ids, progress=False)
     assert renormalize is False and all(((r > 0) & (r <= 1)).all() for r in ratios.values())
     assert calibrate_dynamic_skip(tiny_model("qwen3_moe"), ids, progress=False)["renormalize"] is True
+
+
+def test_skipping_composes_with_novices_and_reloads(tmp_path):
+    from moeprune.apply.surgery import apply_plan
+    from moeprune.calibration.observer import calibrate
+    from moeprune.strategies import plan
+
+    model = tiny_model("qwen3_moe")
+    ids = random_batch(272, batch=4, seq_len=12, seed=6)
+    apply_plan(model, plan(calibrate(model, ids, progress=False), "mone", 0.5))
+    novice_only = _logits(model, ids)
+    calibrate_dynamic_skip(model, ids, progress=False)
+    skipping = _logits(model, ids)
+    assert skip_counts(model)["skipped"] > 0 and not torch.allclose(skipping, novice_only)
+    reloaded = load_pruned(save_pruned(model, tmp_path / "mone-skip"))
+    assert torch.allclose(_logits(reloaded, ids), skipping, atol=1e-5)
