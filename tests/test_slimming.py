@@ -194,3 +194,23 @@ def test_slimming_after_expert_dropping_uses_kept_experts_statistics():
     moeprune.apply(reference, plan)
     assert torch.equal(logits_of(model, ids), logits_of(reference, ids))
     assert plan.params["slim"]["removed_share"] == 0.0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_uniform_width_reloads_in_every_family(tmp_path, family):
+    """Stock-loadable where only the routed experts read the width key; otherwise (shared experts sized
+    from moe_intermediate_size: DeepSeek-V2/V3, GLM-4.5) the key is kept and load_pruned rebuilds it."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family)
+    ids = random_batch(272, 2, 10)
+    stats = moeprune.calibrate(model, ids, progress=False)
+    report = slim_channels(model, stats, None, ratio=1 / 3, method="camera", mode="uniform")
+    moeprune.save(model, tmp_path / "out")
+    expected = logits_of(model, ids)
+    shared_from_key = family in ("deepseek_v2", "deepseek_v3", "glm4_moe")
+    assert report.storage["stock_loadable"] is not shared_from_key
+    if not shared_from_key:
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+        assert torch.allclose(logits_of(stock, ids), expected, atol=1e-6, rtol=0)
+    assert torch.allclose(logits_of(load_pruned(tmp_path / "out", dtype=torch.float32), ids), expected, atol=1e-6, rtol=0)

@@ -13,9 +13,11 @@ to the output. The config records the real widths, so the padding is visible and
 later export can drop it:
 
 - every expert of every layer has the same width W: the family's width key (`moe_intermediate_size`,
-  or `intermediate_size` for Mixtral/OLMoE/gpt-oss) is set to W; the checkpoint is stock-loadable;
-- layers differ: `moeprune_intermediate_per_layer` {layer: stored width}, and the width key holds
-  the largest; loaded by `moeprune.load_pruned` (`resize_for_load`), stock loading fails loudly;
+  or `intermediate_size` for Mixtral/OLMoE/gpt-oss) is set to W; the checkpoint is stock-loadable
+  (unless other modules read the same key, see `_stock_compatible`: then as below);
+- layers differ: `moeprune_intermediate_per_layer` {layer: stored width} and the width key keeps the
+  original width (the rest of the model is built from it); loaded by `moeprune.load_pruned`
+  (`resize_for_load`), stock loading fails loudly on the size mismatch;
 - experts within a layer differ (or a width is padded to the alignment): also
   `moeprune_expert_widths` {layer: [real width per expert]}; padded zero channels are then stored.
 """
@@ -117,15 +119,44 @@ def record_widths(model: nn.Module, widths: dict[int, list[int]]) -> dict[str, A
     key = width_key(text)
     per_layer = len(set(stored.values())) > 1
     per_expert = any(len(set(w)) > 1 or w[0] != stored[i] for i, w in widths.items())
+    stock = not per_layer and _stock_compatible(model, key, max(stored.values()))
     for config in configs:
-        setattr(config, key, max(stored.values()))
-        for name, value, on in ((LAYER_WIDTH_KEY, {str(i): n for i, n in sorted(stored.items())}, per_layer),
+        if stock:
+            setattr(config, key, max(stored.values()))
+        for name, value, on in ((LAYER_WIDTH_KEY, {str(i): n for i, n in sorted(stored.items())}, not stock),
                                 (EXPERT_WIDTH_KEY, {str(i): w for i, w in sorted(widths.items())}, per_expert)):
             if on:
                 setattr(config, name, value)
             elif hasattr(config, name):
                 delattr(config, name)
-    return {"key": key, "width": max(stored.values()), "per_layer": per_layer, "per_expert": per_expert}
+    return {"key": key, "width": max(stored.values()), "per_layer": per_layer, "per_expert": per_expert,
+            "stock_loadable": stock}
+
+
+def _stock_compatible(model: nn.Module, key: str, width: int) -> bool:
+    """Whether a model built from the config with `key` = `width` has exactly this model's parameter
+    shapes. Not so when other modules read the same key: DeepSeek-V2/V3 and GLM-4.5 size their shared
+    experts as moe_intermediate_size x n_shared_experts, so their slimmed checkpoints keep the key and
+    load through `load_pruned` (the per-layer table) instead."""
+    import copy
+
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    if getattr(model.config, "moeprune_experts_per_layer", None):
+        return False  # expert counts differ by layer: load_pruned builds it, so keep the key and use the table
+    config = copy.deepcopy(model.config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    setattr(text, key, width)
+    if text is not config:
+        setattr(config, key, width)
+    try:
+        with init_empty_weights():
+            fresh = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - a config the auto classes cannot build: use moeprune's loader
+        return False
+    have = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    return have == {n: tuple(p.shape) for n, p in fresh.named_parameters()}
 
 
 def needs_custom_load(config: Any) -> bool:
