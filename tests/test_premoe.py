@@ -111,3 +111,30 @@ def test_patterns_round_trip_and_retrieval(tmp_path):
     assert task in ("code", "prose") and plan.params["task"] == task
     moeprune.apply(model, plan)  # a uniform, valid plan
     assert all(layer.num_experts == 4 for layer in moeprune.adapters.find_moe_layers(model))
+
+
+def test_observer_peu_equals_exact_peu_of_all_router_logits():
+    """The one-pass histogram gives the exact PEU up to the bin holding r_l (bounded by its mass)."""
+    from moeprune.calibration.peu import local_topk, transform
+    from moeprune.strategies.premoe import peu_score
+
+    model = tiny_model("qwen3_moe")
+    ids = random_batch(272, 4, 16)
+    layer = moeprune.adapters.find_moe_layers(model)[0]
+    seen = []
+
+    def hook(module, args, output):
+        seen.append((output[0] if isinstance(output, tuple) else output).detach().reshape(-1, layer.num_experts))
+
+    handle = layer.router.register_forward_hook(hook)
+    stats = moeprune.calibrate(model, ids, progress=False)  # one forward per batch: the hook sees every token
+    handle.remove()
+    logits = torch.cat(seen)
+    assert logits.shape[0] == ids.numel()
+    exact, r = peu_vector(logits, k_a=2)
+    index, values, p = local_topk(logits.double(), 2)
+    straddle = ((p * PEU_BINS).floor() == int(r * PEU_BINS))  # entries sharing r's bin
+    bound = torch.zeros(layer.num_experts, dtype=torch.float64).index_add_(
+        0, index[straddle], transform(values[straddle]).abs()) / logits.shape[0]
+    got = peu_score(stats.layers[layer.layer])
+    assert torch.all((got - exact).abs() <= bound + 1e-12)
