@@ -1,0 +1,105 @@
+"""One contract for every strategy x family x path (peft-style CASES table).
+
+For each case, on a tiny multi-shard checkpoint: calibrate and plan in memory and streamed (the
+statistics and the plans must be equal), apply in memory + save and streamed (`--offload`'s
+writer), then: identical tensors and config, both reload with equal logits, and the output is
+smaller than the input. Strategies that declare `in_memory_only` must be refused by the streamed
+pipeline before any calibration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeprune.apply.surgery import apply_plan
+from moeprune.calibration.observer import calibrate
+from moeprune.config import load_recipe
+from moeprune.io.checkpoint import load_pruned, save_pruned
+from moeprune.io.loading import load_model
+from moeprune.io.safetensors_io import read_checkpoint_tensors
+from moeprune.plan import Plan, PlanError
+from moeprune.strategies import available_strategies, get_strategy, plan as make_plan
+from moeprune.streaming.layerwise import streamed_calibrate
+from moeprune.streaming.streamed_apply import streamed_apply
+from moeprune.testing.checks import safetensors_bytes
+from moeprune.testing.tiny_models import random_batch, save_tiny_checkpoint
+
+ALL = ("qwen3_moe", "gpt_oss", "deepseek_v3")
+# (strategy, params, ratio, families)
+CASES = [
+    ("frequency", {}, 0.5, ALL),
+    ("reap", {"budget": "global"}, 0.25, ("qwen3_moe", "gpt_oss")),  # no global budget with n_group
+    ("ean", {}, 0.5, ("qwen3_moe",)),
+    ("hc-smoe", {"router": "average"}, 0.5, ALL),
+    ("m-smoe", {}, 0.5, ALL),
+    ("dern", {"threshold": 0.0}, 0.5, ALL),
+]
+IN_MEMORY_ONLY = ["stun", "mone"]
+
+
+def _ids(case):
+    return [f"{s}-{f}" for s, _, _, fams in case for f in fams]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("contract")
+    return {f: save_tiny_checkpoint(f, root / f, max_shard_size="20KB") for f in ALL}
+
+
+IDS = random_batch(272, batch=6, seq_len=12, seed=3)
+
+
+def _checkpoints_equal(ref: Path, out: Path) -> None:
+    a, b = read_checkpoint_tensors(ref), read_checkpoint_tensors(out)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("strategy, params, ratio, family",
+                         [(s, p, r, f) for s, p, r, fams in CASES for f in fams], ids=_ids(CASES))
+def test_streamed_equals_in_memory(strategy, params, ratio, family, checkpoints, tmp_path):
+    src = checkpoints[family]
+    spec = get_strategy(strategy)
+    model, tokenizer, _ = load_model(str(src))
+    stats = calibrate(model, IDS, batch_size=4, dense_tokens=spec.dense_tokens, progress=False)
+    in_memory = make_plan(stats, strategy, ratio, model=model, **params)
+    streamed_stats = streamed_calibrate(src, IDS, batch_size=4, dense_tokens=spec.dense_tokens, progress=False)
+    assert streamed_stats.digest() == stats.digest()
+    streamed = make_plan(streamed_stats, strategy, ratio, **params)
+    assert streamed.layers == in_memory.layers
+    ref = save_pruned(apply_plan(model, in_memory), tmp_path / "ref", plan=in_memory, tokenizer=tokenizer, input_dir=src)
+    out = streamed_apply(src, streamed, tmp_path / "out", max_shard_size="20KB", progress=False)
+    _checkpoints_equal(ref, out)
+    assert Plan.load(out / "moeprune_plan.json").layers == in_memory.layers
+    assert safetensors_bytes(out) < safetensors_bytes(src)
+    batch = random_batch(272, 2, 8, seed=5)
+    with torch.no_grad():
+        assert torch.equal(load_pruned(out)(batch).logits, load_pruned(ref)(batch).logits)
+
+
+def test_the_table_covers_every_streamable_builtin():
+    covered = {s for s, *_ in CASES} | set(IN_MEMORY_ONLY)
+    builtin = {"frequency", "soft-frequency", "ean", "reap", "hc-smoe", "m-smoe", "stun", "mone", "dern"}
+    assert builtin - {"soft-frequency"} <= covered  # soft-frequency is dern's selection (covered by dern)
+    assert all(get_strategy(s).in_memory_only for s in IN_MEMORY_ONLY)
+    assert set(IN_MEMORY_ONLY) <= set(available_strategies())
+
+
+@pytest.mark.parametrize("strategy", IN_MEMORY_ONLY)
+def test_in_memory_only_strategies_are_refused_before_calibration(strategy, checkpoints, tmp_path, monkeypatch):
+    from moeprune.streaming import layerwise
+    from moeprune.streaming.pipeline import prune_offloaded
+
+    def never(*args, **kwargs):
+        raise AssertionError("calibration must not start")
+
+    monkeypatch.setattr(layerwise, "streamed_calibrate", never)
+    recipe = load_recipe(None, {"model": str(checkpoints["qwen3_moe"]), "strategy": strategy, "output": str(tmp_path / "o")})
+    with pytest.raises(PlanError, match=f"strategy '{strategy}' needs the model in memory; drop --offload"):
+        prune_offloaded(recipe, progress=False)
+    assert not (tmp_path / "o").exists()
