@@ -192,3 +192,18 @@ def test_merging_statistics_keeps_the_smallest_keys_of_the_union():
         rows = torch.cat([a.layers[index].tensors["sample_gram"], b.layers[index].tensors["sample_gram"]])
         assert torch.equal(got["sample_gram"], rows[keys.argsort(stable=True)[:6]])
         assert torch.equal(got["count"], a.layers[index].tensors["count"] + b.layers[index].tensors["count"])
+
+
+def test_cli_calibrate_with_a_sample_then_plan_naee(tmp_path):
+    from click.testing import CliRunner
+
+    from moeprune.cli import main
+
+    src = save_tiny_checkpoint("qwen3_moe", tmp_path / "src")
+    stats = tmp_path / "stats.safetensors"
+    ran = CliRunner().invoke(main, ["calibrate", str(src), "--calibration", "builtin:code", "--samples", "2",
+                                    "--seq-len", "16", "--sample-tokens", "20", "-o", str(stats)])
+    assert ran.exit_code == 0, ran.output
+    assert ExpertStats.load(stats).layers[0].tensors["sample_gram"].shape == (20, 8, 8)
+    planned = CliRunner().invoke(main, ["plan", str(stats), "--strategy", "naee", "--ratio", "0.25", "-o", str(tmp_path / "p.json")])
+    assert planned.exit_code == 0, planned.output

@@ -58,12 +58,14 @@ def _strategy_options(fn):
 @click.argument("model", default=BUNDLED)
 @_calibration_options
 @click.option("--dense-tokens", type=int, default=0, help="Also evaluate every expert on this many tokens per layer (HC-SMoE).")
+@click.option("--sample-tokens", type=int, default=0,
+              help="Also keep a seeded token sample per layer with expert-output Grams (NAEE; 2048 is its default).")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Statistics file (.safetensors).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing moeprune statistics file.")
 @load_options()
 @device_option()
 @user_errors
-def calibrate_command(model, calibration, samples, seq_len, seed, batch_size, dense_tokens, output, overwrite,
+def calibrate_command(model, calibration, samples, seq_len, seed, batch_size, dense_tokens, sample_tokens, output, overwrite,
                       load_overrides, device) -> None:
     """Collect routing and expert statistics in one pass."""
     from moeprune.cli.guards import calibration_after_load, calibration_before_load
@@ -80,7 +82,8 @@ def calibrate_command(model, calibration, samples, seq_len, seed, batch_size, de
     ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed)
     meta = {"model": recipe.model, "source": cal.source, "seed": cal.seed,
             "num_hidden_layers": loaded.config.get_text_config().num_hidden_layers, "fingerprint": fingerprint}
-    stats = calibrate(loaded, ids, batch_size=cal.batch_size, dense_tokens=dense_tokens, meta=meta)
+    stats = calibrate(loaded, ids, batch_size=cal.batch_size, dense_tokens=dense_tokens, meta=meta,
+                      sample_tokens=sample_tokens, sample_seed=cal.seed)
     from moeprune.nonfinite import check_stats
 
     check_stats(stats)

@@ -107,7 +107,7 @@ def layer_sample(ls: LayerStats, top_k: int, scale: float) -> LayerSample:
     if "sample_gram" not in t or t["sample_gram"].shape[0] == 0:
         raise PlanError(
             "naee needs a token sample with expert outputs: calibrate with sample_tokens > 0 "
-            f"(`calibrate(model, ids, sample_tokens={NAEE_SAMPLE_TOKENS})`; `moeprune prune` does it automatically)"
+            f"(`moeprune calibrate --sample-tokens {NAEE_SAMPLE_TOKENS}`; `moeprune prune` does it automatically)"
         )
     renorm = fit_routing(t["sample_logits"], t["sample_gates"], top_k, scale)
     return LayerSample(t["sample_logits"], t["sample_gates"], t["sample_gram"], top_k, renorm, scale)
