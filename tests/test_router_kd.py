@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,29 @@ def test_api_prune_with_router_kd_saves_the_trained_routers(strategy, tmp_path, 
     trained = {k: v.clone() for k, v in router_parameters(result.model).items()}
     reloaded = router_parameters(load_pruned(result.output))
     assert set(reloaded) == set(trained) and all(torch.equal(reloaded[k], trained[k]) for k in trained)
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+def test_cli_prune_with_router_kd_and_its_refusals(tmp_path, code_file):
+    from click.testing import CliRunner
+
+    from moeprune.cli import main
+    from moeprune.testing.tiny_models import save_tiny_checkpoint
+
+    model = save_tiny_checkpoint("qwen3_moe", tmp_path / "model")
+
+    def run(*args):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    common = ["prune", model, "--strategy", "frequency", "--ratio", "0.5", "--calibration", code_file,
+              "--samples", "4", "--seq-len", "32"]
+    result = run(*common, "--router-kd", "2", "--router-kd-lr", "1e-2", "--router-kd-samples", "4",
+                 "--router-kd-local", "--router-kd-local-steps", "2", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "router KD: 2 steps" in result.output and "local router KD: 2 steps/layer" in result.output
+    saved = json.loads((tmp_path / "out" / "moeprune_plan.json").read_text())
+    assert saved["params"]["router_kd"]["global"]["steps"] == 2
+    refused = run(*common, "--router-kd", "2", "--offload", "-o", tmp_path / "out2")
+    assert refused.exit_code != 0 and "in memory only" in refused.output
+    nothing = run(*common, "--router-kd-lr", "1e-3", "-o", tmp_path / "out3")
+    assert nothing.exit_code != 0 and "steps > 0" in nothing.output
