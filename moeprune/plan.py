@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 NON_UNIFORM_NOTE = (
     "non-uniform plan (expert counts per layer {counts}): the output loads in transformers only through "
     "moeprune.load_pruned (plain from_pretrained, llama.cpp/GGUF and vLLM need the same count in every layer); "
-    "for a uniform checkpoint from the same budget use --budget layer (recipe `budget: layer`)"
+    "for a uniform checkpoint from the same budget ({share:.1%} of routed experts removed) use {fix}"
 )
 
 
@@ -309,7 +309,13 @@ class Plan:
         if self.uniform:
             return None
         counts = sorted(set(self.experts_per_layer.values()))
-        return NON_UNIFORM_NOTE.format(counts=f"{counts[0]}-{counts[-1]}")
+        total = sum(lp.num_experts for lp in self.layers.values())
+        share = 1 - sum(self.experts_per_layer.values()) / max(total, 1)
+        if self.params.get("budget") == "global":
+            fix = f"--budget layer --ratio {share:.3f} (recipe `budget: layer`)"
+        else:
+            fix = f"a per-layer strategy at --ratio {share:.3f} (e.g. --strategy hc-smoe for merging, reap for dropping)"
+        return NON_UNIFORM_NOTE.format(counts=f"{counts[0]}-{counts[-1]}", share=share, fix=fix)
 
     def to_dict(self) -> dict[str, Any]:
         layers = {}

@@ -527,16 +527,33 @@ def test_plan_json_is_strict_and_non_finite_scores_are_null(tmp_path):
     assert Plan.load(tmp_path / "p.json").layers[0].kept == [0, 1, 2, 3]
 
 
-def test_non_uniform_plan_warns_and_is_recorded(base, tmp_path, caplog):
+def test_non_uniform_plan_warns_and_is_recorded(base, tmp_path, capsys):
     model = copy_model(base, tmp_path)
-    code, message, _ = run_cli("prune", model, "--strategy", "frequency", "--ratio", 0.5, "--budget", "global",
-                               "--output", tmp_path / "out", "--calibration", base["calib"], *CAL)
+    plan = write_plan(tmp_path / "p.json", qwen_layers(kept0=(0, 1, 2, 3), kept1=(0, 1, 2, 3, 4, 5)), params={"budget": "global"})
+    code, message, _ = run_cli("apply", model, plan, "-o", tmp_path / "out")
     assert code == 0, message
-    plan = json.loads((tmp_path / "out" / "moeprune_plan.json").read_text())
+    warning = capsys.readouterr().err
+    assert "moeprune.load_pruned" in warning and "llama.cpp" in warning and "--budget layer --ratio 0.375" in warning
+    saved = json.loads((tmp_path / "out" / "moeprune_plan.json").read_text())
     marker = json.loads((tmp_path / "out" / COMPLETE_MARKER).read_text())
-    assert plan["uniform"] == marker["uniform"]
-    if not plan["uniform"]:
-        assert "moeprune.load_pruned" in caplog.text and "llama.cpp" in caplog.text and "--budget layer" in caplog.text
+    assert saved["uniform"] is False and marker["uniform"] is False and marker["experts_per_layer"] == {"0": 4, "1": 6}
+    from moeprune.adapters import find_moe_layers
+    from moeprune.io.checkpoint import load_pruned
+
+    assert [layer.num_experts for layer in find_moe_layers(load_pruned(tmp_path / "out"))] == [4, 6]
+
+
+def test_api_save_refuses_a_parent_of_the_input(base, tmp_path):
+    from moeprune import save
+    from moeprune.io.checkpoint import load_pruned
+
+    model_dir = copy_model(base, tmp_path)
+    before = digest(tmp_path / "models")
+    with pytest.raises(OutputPathError, match="contains the input"):
+        save(load_pruned(model_dir), tmp_path / "models", overwrite=True)
+    with pytest.raises(OutputPathError, match="contains the input"):
+        save(load_pruned(model_dir), tmp_path, overwrite=True, input_dir=model_dir)
+    assert digest(tmp_path / "models") == before
 
 
 # ---- as a real process --------------------------------------------------------------------------

@@ -16,8 +16,12 @@ def calibration_before_load(recipe: PruneRecipe, output: str | Path, overwrite: 
     from moeprune.io.loading import resolve_model_path
     from moeprune.io.output_policy import check_output
 
+    from moeprune.io.output_policy import clean_stale
+
     check_text_source(recipe.calibration.source)
-    return check_output(output, [resolve_model_path(recipe.model)], kind="stats", overwrite=overwrite)
+    out = check_output(output, [resolve_model_path(recipe.model)], kind="stats", overwrite=overwrite)
+    clean_stale(out)  # a `.partial` file of a killed earlier run
+    return out
 
 
 def calibration_after_load(recipe: PruneRecipe, model: nn.Module) -> dict[str, Any]:
