@@ -89,7 +89,20 @@ SLIM_CONFIGS = {
     "camera expert 50%": (0.0, dict(ratio=0.5, method="camera", mode="expert")),
     "coverage expert 50%": (0.0, dict(ratio=0.5, method="coverage", mode="expert")),
     "reap 25% + camera uniform 1/3": (0.25, dict(ratio=1 / 3, method="camera", mode="uniform")),
+    "random uniform 50%": (0.0, "random"),  # baseline: each expert keeps a random half of its channels
 }
+
+
+def random_slim(model, ratio: float, seed: int) -> None:
+    from moeprune.slimming.allocate import width_for
+    from moeprune.slimming.channels import record_widths, slim_experts
+
+    g = torch.Generator().manual_seed(seed)
+    widths = {}
+    for layer in find_moe_layers(model):
+        i, w = layer.layout.intermediate_dim, width_for(layer.layout.intermediate_dim, ratio)
+        widths[layer.layer] = slim_experts(layer.experts, [torch.randperm(i, generator=g)[:w] for _ in range(layer.num_experts)])
+    record_widths(model, widths)
 
 
 def part_slim(dense, tok, seeds, args, data) -> list[dict]:
@@ -107,7 +120,9 @@ def part_slim(dense, tok, seeds, args, data) -> list[dict]:
             p = plan(stats, "reap", drop)
             apply(model, p)
             tick = time.perf_counter()
-            if slim is not None:
+            if slim == "random":
+                random_slim(model, 0.5, seed)
+            elif slim is not None:
                 slim_channels(model, stats, p, **slim)
             stored, real = routed_params(model)
             rows.append({"seed": seed, "config": name, "routed_removed_real": 1 - real / base_stored,

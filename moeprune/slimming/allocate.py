@@ -94,8 +94,8 @@ def loss_coverage(losses: dict[int, float], scores: dict[int, torch.Tensor], kee
 
     s = _bisect(lambda v: sum(counts(v).values()), target, 1.0 / float(lam.min().clamp_min(1e-12)))
     kept = counts(s)
-    while sum(kept.values()) > target:  # drop the layer whose last kept channel covers least
-        i = min((i for i in layers if kept[i] > 1), key=lambda i: float(cums[i][kept[i] - 1] - (cums[i][kept[i] - 2] if kept[i] > 1 else 0)))
+    while sum(kept.values()) > target:  # the bisection's overshoot: drop the last channel that covers least
+        i = min((i for i in layers if kept[i] > 1), key=lambda i: float(cums[i][kept[i] - 1] - cums[i][kept[i] - 2]))
         kept[i] -= 1
     return kept
 
