@@ -38,6 +38,7 @@ import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.spatial.distance import squareform
 
+from moeprune.adapters import find_moe_layers
 from moeprune.calibration.stats import ExpertStats, LayerStats
 from moeprune.plan import LayerPlan, Plan, PlanError
 from moeprune.strategies.registry import register_strategy
@@ -45,7 +46,6 @@ from moeprune.strategies.selection import check_ratio, keep_top, routing_of
 from moeprune.strategies.similarity import (
     coselect_distance,
     expert_weight_matrix,
-    layers_by_index,
     output_distance,
     router_logit_similarity,
     router_weight,
@@ -196,6 +196,15 @@ def m_smoe(
 
 
 # ---- STUN ----------------------------------------------------------------------------------
+def weight_layers(model: Any, parts: tuple[str, ...]):
+    """MoE layers with `parts` ("router", "experts") readable: a loaded model's own layers, or a
+    streamed source's, materialised one layer at a time."""
+    if hasattr(model, "iter_moe_layers"):
+        yield from model.iter_moe_layers(parts)
+    else:
+        yield from find_moe_layers(model)
+
+
 def greedy_reject_mixed(distance: torch.Tensor, tau: float, min_clusters: int = 1) -> list[list[int]]:
     """Take pairs by increasing distance; merge their clusters only if every cross distance <= tau."""
     d = distance.double()
@@ -256,12 +265,16 @@ def global_tau(distances: dict[int, torch.Tensor], target: int, min_clusters: in
 
 
 @register_strategy("stun", "STUN stage 1: cluster by router weights with one global threshold; keep one per cluster",
-                   needs_weights=True, in_memory_only=True)
+                   needs_weights=True)
 def stun(
     stats: ExpertStats, ratio: float, model: Any, budget: str = "global", protect_super: bool = False,
     distance: str = "router", merge: bool = False,
 ) -> Plan:
-    """STUN stage 1; the budget is always global (`budget` is accepted and ignored)."""
+    """STUN stage 1; the budget is always global (`budget` is accepted and ignored).
+
+    `model` is a loaded model or a streamed weights source (`iter_moe_layers(parts)`, e.g.
+    `streaming.expert_reader.LazyExpertWeights`): routers are read in one pass, each layer's
+    experts in a second, one layer at a time."""
     check_ratio(ratio)
     routing, top_k, n_group = routing_of(stats)
     if n_group > 1:
@@ -269,11 +282,11 @@ def stun(
             f"stun keeps different expert counts per layer and cannot keep equal counts per routing group "
             f"(n_group={n_group}); use hc-smoe or m-smoe for group-limited routers"
         )
-    moe = layers_by_index(model)
+    routers = {layer.layer: router_weight(layer) for layer in weight_layers(model, ("router",)) if layer.layer in stats.layers}
     protected = _protected(stats, protect_super)
     distances = {}
     for index, ls in sorted(stats.layers.items()):
-        d = _stun_distance(distance, ls, router_weight(moe[index])).clone()
+        d = _stun_distance(distance, ls, routers[index]).clone()
         for j in protected[index]:
             d[j, :] = math.inf
             d[:, j] = math.inf
@@ -285,9 +298,12 @@ def stun(
         raise PlanError(f"stun: ratio {ratio} leaves {target} experts, fewer than top-{top_k} in every layer")
     tau, clusters = global_tau(distances, target, min_clusters=top_k)
     layers = {}
-    for index, layer_clusters in clusters.items():
+    for layer in weight_layers(model, ("experts",)):
+        if layer.layer not in clusters:
+            continue
+        index, layer_clusters = layer.layer, clusters[layer.layer]
         ls = stats.layers[index]
-        flat = expert_weight_matrix(moe[index])
+        flat = expert_weight_matrix(layer)
         ordered = []
         for c in layer_clusters:
             centroid = flat[c].mean(0, keepdim=True)

@@ -35,10 +35,14 @@ class LazyExpertWeights:
     def bytes_read(self) -> int:
         return self.ckpt.bytes_read
 
-    def iter_moe_layers(self) -> Iterator[MoELayer]:
-        """Each MoE layer with its experts loaded while it is yielded, then released."""
+    def iter_moe_layers(self, parts: tuple[str, ...] = ("experts",)) -> Iterator[MoELayer]:
+        """Each MoE layer with `parts` ("experts", "router") loaded while it is yielded, then released."""
+        unknown = set(parts) - {"experts", "router"}
+        if unknown:
+            raise ValueError(f"unknown MoE layer parts {sorted(unknown)}; choose from experts, router")
         for layer in find_moe_layers(self.model):
-            names = materialise(self.model, self.keymap, self.ckpt, layer.experts_name, self.dtype)
+            modules = [layer.experts_name] * ("experts" in parts) + [layer.router_name] * ("router" in parts)
+            names = [n for module in modules for n in materialise(self.model, self.keymap, self.ckpt, module, self.dtype)]
             try:
                 yield layer
             finally:

@@ -110,8 +110,6 @@ def prune_offloaded(
             output = streamed_apply(path, result_plan, recipe.output, overwrite=overwrite, max_shard_size=max_shard_size,
                                     recipe=recipe.model_dump(mode="json"), progress=progress)
         return OffloadResult(None, result_plan, output)
-    if spec.needs_weights:
-        raise ValueError(f"strategy {recipe.strategy} reads expert weights from a loaded model; it cannot run with --offload")
     from moeprune.fingerprint import checkpoint_fingerprint
     from moeprune.io.loading import trust_remote_code
     from moeprune.nonfinite import check_stats
@@ -139,7 +137,13 @@ def prune_offloaded(
             remove_work_dir(work_dir)
         raise
     check_stats(stats)  # NaN/Inf: one line naming layer and experts
-    result_plan = plan(stats, recipe.strategy, recipe.ratio, **recipe.strategy_params())
+    if spec.needs_weights:  # stun: routers, then each layer's experts, read from the shards one layer at a time
+        from moeprune.streaming.expert_reader import LazyExpertWeights
+
+        with LazyExpertWeights(path, dtype) as weights:
+            result_plan = plan(stats, recipe.strategy, recipe.ratio, model=weights, **recipe.strategy_params())
+    else:
+        result_plan = plan(stats, recipe.strategy, recipe.ratio, **recipe.strategy_params())
     if result_plan.non_uniform_note():
         logger.warning(result_plan.non_uniform_note())
     output = None
