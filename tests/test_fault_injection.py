@@ -597,3 +597,18 @@ def test_remote_code_never_runs_nor_prompts(tmp_path):
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr and "trust" in result.stderr.lower(), result.stderr
         assert not sentinel.exists()
+
+
+def test_read_only_parent_is_refused_before_any_work(base, tmp_path, monkeypatch):
+    """The output's nearest existing parent must be writable (root ignores chmod, so access is faked)."""
+    import moeprune.io.output_policy as policy
+
+    model = copy_model(base, tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(policy.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    for extra in ((), ("--offload",)):
+        code, message, cause = run_cli(*prune_args(model, base, locked / "new" / "out", *extra))
+        assert code == 2 and isinstance(cause, OutputPathError) and "not writable" in message, message
+    assert list(locked.iterdir()) == [] and leftovers(tmp_path) == []

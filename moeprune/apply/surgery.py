@@ -112,7 +112,7 @@ def apply_plan(model: nn.Module, plan: Plan, force: bool = False) -> nn.Module:
 
     plan.validate()
     layers = {layer.layer: layer for layer in find_moe_layers(model)}
-    plan.check_model(layers, model_fingerprint(model) if plan.model else None, force=force)
+    plan.check_model(layers, model_fingerprint(model), force=force)
     for index, lp in sorted(plan.layers.items()):
         layer = layers[index]
         _prepare_layer(model, layer, lp, plan.params)

@@ -22,6 +22,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from moeprune.calibration.stats import ExpertStats
 from moeprune.plan import Plan, PlanError
 
@@ -144,6 +146,10 @@ def plan(stats: ExpertStats | None, strategy: str = "reap", ratio: float = 0.5, 
     result.stats_hash = stats.digest() if stats is not None else None
     if stats is not None and not result.model:  # binds the plan to the calibrated model (moeprune.fingerprint)
         result.model = stats.meta.get("fingerprint")
+    elif stats is None and not result.model and isinstance(model, torch.nn.Module):  # data-free: the model read
+        from moeprune.fingerprint import model_fingerprint
+
+        result.model = model_fingerprint(model)
     return result.validate()
 
 

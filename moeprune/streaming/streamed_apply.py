@@ -160,7 +160,7 @@ def streamed_apply(
     if keymap.unexpected:
         logger.warning("dropping %d checkpoint tensors the model does not load, e.g. %s", len(keymap.unexpected), keymap.unexpected[:3])
     layers = {layer.layer: layer for layer in find_moe_layers(model)}
-    check_plan(layers, plan, checkpoint_fingerprint(input_dir) if plan.model else None, force=force)
+    check_plan(layers, plan, checkpoint_fingerprint(input_dir), force=force)
     counts = {i: (len(plan.layers[i].kept) if i in plan.layers else layer.num_experts) for i, layer in layers.items()}
     uniform = len(set(counts.values())) == 1
     prefix, decoder = decoder_layers(model)
