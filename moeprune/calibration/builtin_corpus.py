@@ -27,6 +27,8 @@ Domain = Literal["code", "prose"]
 Split = Literal["train", "heldout", "all"]
 
 DOMAINS: tuple[str, ...] = ("code", "prose", "mixed")
+# Text of moeprune's dependencies, never trained on (moeprune.calibration.third_party_corpus).
+THIRD_PARTY_DOMAINS: tuple[str, ...] = ("third-party-code", "third-party-prose")
 SPLITS: tuple[str, ...] = ("train", "heldout", "all")
 
 _EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
@@ -159,14 +161,22 @@ def builtin_documents(domain: str, split: str = "train") -> list[str]:
     """Documents of a built-in corpus.
 
     Args:
-        domain: ``"code"``, ``"prose"`` or ``"mixed"`` (code and prose interleaved).
+        domain: ``"code"``, ``"prose"`` or ``"mixed"`` (code and prose interleaved), or
+            ``"third-party-code"`` / ``"third-party-prose"`` (dependencies' sources and docs; their
+            ``train`` split is a disjoint calibration part, see :mod:`third_party_corpus`).
         split: ``"train"``, ``"heldout"`` or ``"all"``.
 
     Returns:
         A new list of document strings in a deterministic order.
     """
+    if domain in THIRD_PARTY_DOMAINS:
+        from moeprune.calibration.third_party_corpus import third_party_documents
+
+        return third_party_documents(domain, split)
     if domain not in DOMAINS:
-        raise ValueError(f"unknown built-in corpus domain {domain!r}; expected one of {DOMAINS}")
+        raise ValueError(
+            f"unknown built-in corpus domain {domain!r}; expected one of {DOMAINS + THIRD_PARTY_DOMAINS}"
+        )
     if split not in SPLITS:
         raise ValueError(f"unknown built-in corpus split {split!r}; expected one of {SPLITS}")
     if domain == "mixed":
