@@ -120,6 +120,10 @@ def prune(
         result_plan.model = fingerprint
     else:
         result_plan = plan(stats, recipe.strategy, recipe.ratio, model=model, **recipe.strategy_params())
+    if recipe.uniform and not result_plan.uniform:  # same budget, equal counts (strategies/uniform.py)
+        from moeprune.strategies.uniform import uniform_from
+
+        result_plan = uniform_from(stats, recipe.strategy, result_plan, model=model, **recipe.strategy_params())
     exclude_from_plan(result_plan, excluded)
     if result_plan.non_uniform_note():
         logger.warning(result_plan.non_uniform_note())

@@ -53,6 +53,7 @@ class PruneRecipe(BaseModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: the checkpoint's own dtype
     trust_remote_code: bool = False  # run the checkpoint's own Python code (auto_map); never by default
     allow_nonfinite: bool = False  # drop (and report) experts with NaN/Inf weights instead of failing
+    uniform: bool = False  # a non-uniform plan (global budget) is re-planned with equal per-layer counts
     device: str = "auto"  # cpu | cuda | cuda:N | auto (CUDA when available): where the model runs (moeprune.devices)
 
     @field_validator("strategy")

@@ -144,6 +144,10 @@ def prune_offloaded(
             result_plan = plan(stats, recipe.strategy, recipe.ratio, model=weights, **recipe.strategy_params())
     else:
         result_plan = plan(stats, recipe.strategy, recipe.ratio, **recipe.strategy_params())
+    if recipe.uniform and not result_plan.uniform:  # same budget, equal counts (strategies/uniform.py)
+        from moeprune.strategies.uniform import uniform_from
+
+        result_plan = uniform_from(stats, recipe.strategy, result_plan, **recipe.strategy_params())
     if result_plan.non_uniform_note():
         logger.warning(result_plan.non_uniform_note())
     output = None
