@@ -67,6 +67,47 @@ def phase(costs: dict, name: str):
                                            "rise_mb": peak[0] - start_rss})
 
 
+def summarise(results: dict) -> None:
+    """Print mean +- sd over seeds per strategy and variant, the gap closed, and the cost table."""
+    runs, costs = results["runs"], results["costs"]
+    seeds = sorted({r["seed"] for r in runs})
+    strategies = list(dict.fromkeys(r["strategy"] for r in runs))
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    dense = results["dense"]
+    print(f"\ndense: code {dense['code']:.2f} prose {dense['prose']:.2f}; mean +- sd over seeds {seeds}")
+    print(f"{'strategy':<10} {'variant':<7} {'code ppl':>16} {'prose ppl':>17}   gap to dense closed (code, prose)")
+    summary = []
+    for strategy in strategies:
+        base = {d: statistics.mean(r[d] for r in runs if r["strategy"] == strategy and r["variant"] == "none")
+                for d in ("code", "prose")} if "none" in variants else None
+        for variant in variants:
+            rows = [r for r in runs if r["strategy"] == strategy and r["variant"] == variant]
+            cell = {d: (statistics.mean(r[d] for r in rows), statistics.stdev([r[d] for r in rows]) if len(rows) > 1 else 0.0)
+                    for d in ("code", "prose")}
+            closed = ""
+            if base is not None and variant != "none":
+                closed = "  ".join(f"{100 * (base[d] - cell[d][0]) / (base[d] - dense[d]):5.1f}%" for d in ("code", "prose"))
+            summary.append({"strategy": strategy, "variant": variant, **{d: list(v) for d, v in cell.items()}})
+            print(f"{strategy:<10} {variant:<7} {cell['code'][0]:9.2f} +- {cell['code'][1]:4.2f} "
+                  f"{cell['prose'][0]:9.2f} +- {cell['prose'][1]:5.2f}   {closed}")
+    results["summary"] = summary
+    print("\ncost per run (mean over runs): seconds, peak RSS MB, rise MB")
+    for name, entries in costs.items():
+        print(f"  {name:<24} {statistics.mean(e['seconds'] for e in entries):7.1f}s "
+              f"{max(e['peak_mb'] for e in entries):8.0f} {statistics.mean(e['rise_mb'] for e in entries):8.1f}")
+
+
+def merge(paths: list[Path]) -> dict:
+    """One result from per-seed runs (`--merge a.json b.json ...`)."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    merged = {"args": parts[0]["args"], "dense": parts[0]["dense"], "runs": [], "costs": {}}
+    for part in parts:
+        merged["runs"] += part["runs"]
+        for name, entries in part["costs"].items():
+            merged["costs"].setdefault(name, []).extend(entries)
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=BUNDLED)
@@ -84,10 +125,18 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=200)
     parser.add_argument("--local-lr", type=float, default=1e-3)
     parser.add_argument("--local-batch-tokens", type=int, default=1024)
-    parser.add_argument("--variants", nargs="+", default=["none", "local", "global"])
+    parser.add_argument("--variants", nargs="+", default=["none", "local", "global"],
+                        choices=["none", "local", "global", "both"], help="both: local, then global")
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--merge", type=Path, nargs="+", help="print the summary of per-seed --json files instead")
     args = parser.parse_args()
+    if args.merge:
+        merged = merge(args.merge)
+        summarise(merged)
+        if args.json:
+            args.json.write_text(json.dumps(merged, indent=1))
+        return
     torch.manual_seed(0)
 
     dense, tokenizer, _ = load_model(args.model)
@@ -107,18 +156,18 @@ def main() -> None:
         with phase(costs, "teacher cache (global)"):
             cache = build_teacher_cache(dense, kd_ids, k=args.top_k, progress=False)
         with phase(costs, "dense block I/O (local)"):
-            block_io = capture_block_io(dense, kd_ids, progress=False) if "local" in args.variants else None
+            block_io = capture_block_io(dense, kd_ids, progress=False) if {"local", "both"} & set(args.variants) else None
         for strategy in args.strategies:
             pruned = copy.deepcopy(dense)
             apply(pruned, plan(stats, strategy, args.ratio, model=pruned))
             for variant in args.variants:
                 model = copy.deepcopy(pruned) if variant != "none" else pruned
                 report = None
-                if variant == "local":
+                if variant in ("local", "both"):
                     with phase(costs, "router KD local"):
                         report = router_kd_local(model, block_io, steps=args.local_steps, lr=args.local_lr,
                                                  batch_tokens=args.local_batch_tokens, seed=seed, progress=False)
-                elif variant == "global":
+                if variant in ("global", "both"):
                     with phase(costs, "router KD global"):
                         report = router_kd(model, cache, args.steps, lr=args.lr, batch_size=args.batch_size, seed=seed,
                                            progress=False)
@@ -129,24 +178,7 @@ def main() -> None:
                 print(f"seed {seed} {strategy:<10} {variant:<7} code {row['code']:8.2f} prose {row['prose']:8.2f}", flush=True)
                 del model
     results["costs"] = costs
-    print("\nmean +- sd over seeds", args.seeds)
-    print(f"{'strategy':<10} {'variant':<7} {'code ppl':>16} {'prose ppl':>16}")
-    summary = []
-    for strategy in args.strategies:
-        for variant in args.variants:
-            rows = [r for r in results["runs"] if r["strategy"] == strategy and r["variant"] == variant]
-            cell = {}
-            for d in ("code", "prose"):
-                values = [r[d] for r in rows]
-                cell[d] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-            summary.append({"strategy": strategy, "variant": variant, **{d: list(v) for d, v in cell.items()}})
-            print(f"{strategy:<10} {variant:<7} {cell['code'][0]:9.2f} +- {cell['code'][1]:4.2f} "
-                  f"{cell['prose'][0]:9.2f} +- {cell['prose'][1]:5.2f}")
-    results["summary"] = summary
-    print("\ncost per run (mean over runs): seconds, peak RSS MB, rise MB")
-    for name, entries in costs.items():
-        print(f"  {name:<24} {statistics.mean(e['seconds'] for e in entries):7.1f}s "
-              f"{max(e['peak_mb'] for e in entries):8.0f} {statistics.mean(e['rise_mb'] for e in entries):8.1f}")
+    summarise(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
