@@ -9,6 +9,7 @@ pipeline before any calibration.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,8 @@ CASES = [
     ("dern", {"threshold": 0.0}, 0.5, ALL),
     ("stun", {}, 0.5, ("qwen3_moe", "gpt_oss")),  # no group-limited routers; weights streamed per layer
     ("stun", {"merge": True}, 0.5, ("qwen3_moe",)),
+    ("mone", {}, 0.5, ALL),  # novices: router keeps E rows, extension file next to the shards
 ]
-IN_MEMORY_ONLY = ["mone"]
 
 
 def _ids(case):
@@ -85,6 +86,15 @@ def test_streamed_equals_in_memory(strategy, params, ratio, family, checkpoints,
     out = streamed_apply(src, streamed, tmp_path / "out", max_shard_size="20KB", progress=False)
     _checkpoints_equal(ref, out)
     assert Plan.load(out / "moeprune_plan.json").layers == in_memory.layers
+    if any(lp.novices for lp in in_memory.layers.values()):
+        from safetensors.torch import load_file
+
+        from moeprune.apply.novice import NOVICE_FILE
+
+        a, b = load_file(ref / NOVICE_FILE), load_file(out / NOVICE_FILE)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert json.loads((out / "config.json").read_text())["moeprune_novices"] == \
+            json.loads((ref / "config.json").read_text())["moeprune_novices"]
     assert safetensors_bytes(out) < safetensors_bytes(src)
     batch = random_batch(272, 2, 8, seed=5)
     with torch.no_grad():
@@ -92,18 +102,22 @@ def test_streamed_equals_in_memory(strategy, params, ratio, family, checkpoints,
         torch.testing.assert_close(load_pruned(out)(batch).logits, load_pruned(ref)(batch).logits, rtol=0, atol=1e-6)
 
 
-def test_the_table_covers_every_streamable_builtin():
-    covered = {s for s, *_ in CASES} | set(IN_MEMORY_ONLY)
+def test_the_table_covers_every_builtin():
+    covered = {s for s, *_ in CASES}
     builtin = {"frequency", "soft-frequency", "ean", "reap", "hc-smoe", "m-smoe", "stun", "mone", "dern"}
     assert builtin - {"soft-frequency"} <= covered  # soft-frequency is dern's selection (covered by dern)
-    assert all(get_strategy(s).in_memory_only for s in IN_MEMORY_ONLY)
-    assert set(IN_MEMORY_ONLY) <= set(available_strategies())
+    assert not any(get_strategy(s).in_memory_only for s in builtin)
 
 
-@pytest.mark.parametrize("strategy", IN_MEMORY_ONLY)
-def test_in_memory_only_strategies_are_refused_before_calibration(strategy, checkpoints, tmp_path, monkeypatch):
+def test_in_memory_only_strategies_are_refused_before_calibration(checkpoints, tmp_path, monkeypatch):
+    from moeprune.strategies import registry
     from moeprune.streaming import layerwise
     from moeprune.streaming.pipeline import prune_offloaded
+
+    strategy = "test-in-memory-only"
+    base = get_strategy("frequency")
+    monkeypatch.setitem(registry._REGISTRY, strategy, registry.StrategySpec(
+        strategy, base.fn, "test", in_memory_only=True))
 
     def never(*args, **kwargs):
         raise AssertionError("calibration must not start")

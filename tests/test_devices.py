@@ -150,3 +150,14 @@ def test_streamed_layers_compute_in_the_checkpoint_dtype(tmp_path, monkeypatch, 
                 assert torch.equal(got, value), (index, name)
             else:  # CUDA atomics may reorder float sums
                 assert torch.allclose(got, value, rtol=1e-4, atol=1e-6), (index, name)
+
+
+def test_finite_checks_work_in_chunks(monkeypatch):
+    # the NaN/Inf checks of each streamed layer must not allocate a tensor-sized mask (peak RSS)
+    import moeprune.nonfinite as nonfinite
+
+    t = torch.randn(70, 3, 5)
+    assert nonfinite.all_finite(t) and nonfinite.nonfinite_rows(t) == []
+    t[3, 1, 2], t[69, 0, 0] = float("nan"), float("inf")
+    monkeypatch.setattr(nonfinite, "_CHUNK", 7)  # several chunks, rows split across them
+    assert not nonfinite.all_finite(t) and nonfinite.nonfinite_rows(t) == [3, 69]

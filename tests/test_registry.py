@@ -22,12 +22,13 @@ def test_builtin_strategies_are_registered_on_import():
 
 def test_declared_needs():
     assert get_strategy("stun").needs_weights and not get_strategy("stun").in_memory_only  # weights streamed
-    assert get_strategy("mone").in_memory_only and not get_strategy("mone").needs_weights
+    assert not get_strategy("mone").in_memory_only and not get_strategy("mone").needs_weights
     assert get_strategy("hc-smoe").dense_tokens > 0
     assert all(get_strategy(s).needs_calibration for s in ("reap", "frequency", "hc-smoe", "mone", "dern"))
     assert not get_strategy("reap").in_memory_only
-    with pytest.raises(PlanError, match="'mone' needs the model in memory"):
-        get_strategy("mone").check_streamable()
+    memory_only = registry.StrategySpec("x", lambda stats, ratio: None, "test", in_memory_only=True)
+    with pytest.raises(PlanError, match="'x' needs the model in memory"):
+        memory_only.check_streamable()
     get_strategy("reap").check_streamable()
 
 

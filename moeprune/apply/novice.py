@@ -108,21 +108,30 @@ def _novice_layers(model: nn.Module) -> dict[int, MoELayer]:
     return {int(i): layers[int(i)] for i in entries}
 
 
+def novice_tensors(layer: MoELayer, num_experts: int) -> dict[str, torch.Tensor]:
+    """The extension-file tensors of one installed novice layer (expert map, vectors, full routers)."""
+    index = layer.layer
+    tensors = {f"layer.{index}.expert_map": getattr(layer.experts, MAP_BUFFER).cpu(),
+               f"layer.{index}.novice_vectors": getattr(layer.experts, VECTOR_BUFFER).cpu()}
+    for name, t in list(layer.router.named_parameters()) + list(layer.router.named_buffers()):
+        if t.dim() >= 1 and t.shape[0] == num_experts:
+            tensors[f"layer.{index}.router.{name}"] = t.detach().cpu()
+    return tensors
+
+
+def write_novice_file(tensors: dict[str, torch.Tensor], output_dir: str | Path) -> Path:
+    path = Path(output_dir) / NOVICE_FILE
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "moeprune-novices"})
+    return path
+
+
 def save_novices(model: nn.Module, output_dir: str | Path) -> Path:
     """Write the novice extension file next to a saved checkpoint."""
     entries = getattr(model.config, CONFIG_KEY)
     tensors: dict[str, torch.Tensor] = {}
     for index, layer in _novice_layers(model).items():
-        e = int(entries[str(index)]["num_experts"])
-        tensors[f"layer.{index}.expert_map"] = getattr(layer.experts, MAP_BUFFER).cpu()
-        tensors[f"layer.{index}.novice_vectors"] = getattr(layer.experts, VECTOR_BUFFER).cpu()
-        router_tensors = list(layer.router.named_parameters()) + list(layer.router.named_buffers())
-        for name, t in router_tensors:
-            if t.dim() >= 1 and t.shape[0] == e:
-                tensors[f"layer.{index}.router.{name}"] = t.detach().cpu()
-    path = Path(output_dir) / NOVICE_FILE
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "moeprune-novices"})
-    return path
+        tensors.update(novice_tensors(layer, int(entries[str(index)]["num_experts"])))
+    return write_novice_file(tensors, output_dir)
 
 
 def restore_novices(model: nn.Module, path: str | Path) -> nn.Module:

@@ -25,8 +25,7 @@ def redundancy_score(stats: LayerStats) -> torch.Tensor:
     return stats.output_std() * (stats.gate_sum / stats.tokens.clamp_min(1))
 
 
-@register_strategy("mone", "replace redundant experts by constant novice vectors (MoNE); router unchanged",
-                   in_memory_only=True)
+@register_strategy("mone", "replace redundant experts by constant novice vectors (MoNE); router unchanged")
 def mone(stats: ExpertStats, ratio: float, budget: str = "layer", protect_super: bool = False) -> Plan:
     check_ratio(ratio)
     if budget != "layer":

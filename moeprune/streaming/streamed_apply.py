@@ -56,9 +56,6 @@ def check_plan(layers: dict[int, MoELayer], plan: Plan, fingerprint: dict | None
     """The checks `apply_plan` makes, against the skeleton's layers (and the checkpoint's fingerprint)."""
     plan.validate()
     plan.check_model(layers, fingerprint, force=force)
-    for index, lp in plan.layers.items():
-        if lp.novices:
-            raise NotImplementedError("plans with novice experts need the in-memory path (drop --offload)")
 
 
 def _per_expert_tensors(model: nn.Module, layer: MoELayer) -> dict[str, int]:
@@ -81,6 +78,7 @@ class _Job:
     def __init__(self, model: nn.Module, keymap: KeyMap, ckpt: LazyCheckpoint, writer: ShardedWriter, uniform: bool) -> None:
         self.model, self.keymap, self.ckpt, self.writer, self.uniform = model, keymap, ckpt, writer, uniform
         self.routes = {"selection": 0, "layer": 0}
+        self.novices: dict[str, torch.Tensor] = {}  # MoNE extension tensors, written next to the shards
 
     def copy_unit(self, keys: list[str]) -> None:
         """Tensors of a unit with no planned MoE layer: verbatim (hub layout) or as module keys."""
@@ -124,7 +122,12 @@ class _Job:
         for name, tensor in state.items():
             set_tensor(self.model, name, tensor)
         _prepare_layer(self.model, layer, lp, params)
-        slice_layer(layer, lp.kept)
+        if lp.novices:  # experts sliced by the novice install; the router keeps E rows (apply.novice)
+            from moeprune.apply.novice import novice_tensors
+
+            self.novices.update(novice_tensors(layer, lp.num_experts))
+        else:
+            slice_layer(layer, lp.kept)
         module = self.model.get_submodule(unit)
         edited = {f"{unit}.{n}": t for n, t in module.state_dict().items()}
         meta = [n for n, t in edited.items() if t.device.type == "meta"]
@@ -184,10 +187,14 @@ def streamed_apply(
             if lp is None:
                 job.copy_unit(by_unit[unit])
                 continue
-            simple = uniform and selection_route and not lp.edits_weights
+            simple = uniform and selection_route and not lp.edits_weights and not lp.novices
             if not (simple and job.selection(by_unit[unit], layer, lp)):
                 job.layer(unit, by_unit[unit], layer, lp, plan.params)
         weight_map = writer.close()
+        if job.novices:
+            from moeprune.apply.novice import write_novice_file
+
+            write_novice_file(job.novices, tmp)
         _write_metadata(tmp, input_dir, model, counts, plan, recipe)
         marker = {"source": str(input_dir.resolve()), "tensors": len(weight_map), "bytes": writer.total_bytes,
                   "uniform": uniform, "experts_per_layer": {str(i): n for i, n in sorted(counts.items())},
