@@ -188,8 +188,8 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
     if offload:
         from moeprune.streaming.pipeline import prune_offloaded
 
-        if recipe.evaluate or recipe.sparsify is not None:
-            raise click.UsageError("--eval and intra-expert sparsification need the model in memory; drop --offload")
+        if recipe.sparsify is not None:
+            raise click.UsageError("intra-expert sparsification needs the model in memory; drop --offload")
         if recipe.slim is not None or recipe.patterns:
             raise click.UsageError("channel slimming and task patterns (--slim-*, --patterns) run in memory only; drop --offload")
         if recipe.router_kd is not None:
@@ -199,6 +199,10 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
         result = prune_offloaded(recipe, work_dir=work_dir, resume=resume, memory_budget=memory_budget, overwrite=overwrite)
         click.echo(f"strategy {recipe.strategy}, ratio {recipe.ratio}: experts per layer {result.plan.experts_per_layer}")
         click.echo(f"wrote {result.output} (streamed)")
+        if recipe.evaluate:  # both checkpoints streamed layer by layer (moeprune.streaming.streamed_eval)
+            from moeprune.cli.prune_eval import report_streamed_eval
+
+            report_streamed_eval(recipe, result.output, memory_budget, click.echo)
         return
     dense_ppl = None
     if recipe.evaluate:

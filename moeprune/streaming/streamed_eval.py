@@ -1,0 +1,122 @@
+"""Perplexity of a checkpoint larger than memory, one decoder layer at a time (`prune --offload --eval`).
+
+The same windows and next-token NLL as `evaluation.perplexity.nll_from_ids` (non-overlapping
+`seq_len` windows, summed cross-entropy in float32 logits), computed the way `streamed_calibrate`
+computes statistics: the model is a meta skeleton, the embeddings run every window up to the first
+decoder layer (recording each layer's call arguments), each decoder layer is read from the shards,
+runs all cached hidden states on `device` in the checkpoint's dtype and is freed, and the final
+norm and the LM head turn the last hidden states into logits. Nothing but one layer (plus the
+embeddings, norm and head) is resident; hidden states wait in host memory up to `memory_budget`
+and spill to disk beyond it. Outputs whose layers differ from their config (non-uniform plans,
+MoNE novices, slimmed widths) are refused: evaluate those in memory with `moeprune eval`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from moeprune.evaluation.perplexity import iter_windows
+from moeprune.streaming.layerwise import (
+    ActivationStore, _capture_inputs, _module_name, _resident_to_device, _to_device, _to_host, build_skeleton,
+    decoder_layers,
+)
+from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
+from moeprune.streaming.writer import parse_size
+
+_NOT_STREAMABLE = ("moeprune_experts_per_layer", "moeprune_novices", "moeprune_expert_widths", "moeprune_dynamic_skip")
+
+
+def check_streamable_output(path: str | Path) -> None:
+    """Refuse checkpoints whose modules the config alone cannot rebuild on the meta device."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    special = [k for k in _NOT_STREAMABLE if config.get(k)]
+    if special:
+        raise ValueError(f"{path}: {', '.join(special)} in config: streamed evaluation needs a stock checkpoint; "
+                         "evaluate it in memory with `moeprune eval`")
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    norm = getattr(decoder, "norm", None)
+    if not isinstance(norm, nn.Module):
+        raise ValueError(f"{type(model).__name__}: no final norm found for streamed evaluation")
+    return norm
+
+
+@torch.no_grad()
+def streamed_nll(
+    path: str | Path, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 8, dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu", memory_budget: str | int = "4GB", progress: bool = True,
+) -> tuple[float, int]:
+    """(summed NLL, predicted tokens) of checkpoint `path` over non-overlapping windows of `ids`."""
+    from moeprune.io.loading import resolve_dtype
+
+    path, device = Path(path), torch.device(device)
+    check_streamable_output(path)
+    dtype = resolve_dtype(dtype, path)
+    model = build_skeleton(path, dtype)
+    _resident_to_device(model, device)
+    ckpt = LazyCheckpoint(path)
+    keymap = KeyMap(model, ckpt.keys())
+    prefix, layers = decoder_layers(model)
+    budget = parse_size(memory_budget) // 2
+    windows = list(iter_windows(ids, seq_len, batch_size))
+    embed = _module_name(model, model.get_input_embeddings())
+    head = _module_name(model, model.get_output_embeddings())
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    try:
+        with tempfile.TemporaryDirectory(prefix="moeprune-eval-") as scratch:
+            names = materialise(model, keymap, ckpt, embed, dtype)
+            _to_device(model, names, device)
+            current = ActivationStore(Path(scratch) / "in", budget)
+            current.directory.mkdir()
+            calls = []
+            for b, batch in enumerate(windows):
+                hidden, batch_calls = _capture_inputs(model, layers, {"input_ids": batch}, device)
+                calls.append(batch_calls)
+                current.put(b, _to_host(hidden))
+            if not tied:
+                release(model, names)
+            for index in tqdm(range(len(layers)), desc="evaluating layers", unit="layer", disable=not progress):
+                layer_names = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
+                _to_device(model, layer_names, device)
+                outputs = ActivationStore(Path(scratch) / f"out{index % 2}", budget)
+                outputs.directory.mkdir(exist_ok=True)
+                for f in outputs.directory.glob("*.safetensors"):
+                    f.unlink()
+                for b in range(len(windows)):
+                    args, kwargs = calls[b][index]
+                    out = layers[index](current.get(b).to(device), *args, **kwargs)
+                    outputs.put(b, _to_host(out[0] if isinstance(out, tuple) else out))
+                release(model, layer_names)
+                current = outputs
+            norm = _final_norm(model)
+            tail = materialise(model, keymap, ckpt, _module_name(model, norm), dtype)
+            if not tied:
+                tail += materialise(model, keymap, ckpt, head, dtype)
+            _to_device(model, tail, device)
+            total, count = 0.0, 0
+            for b, batch in enumerate(windows):
+                logits = model.get_output_embeddings()(norm(current.get(b).to(device))).float()[:, :-1]
+                targets = batch[:, 1:].to(logits.device)
+                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+                count += batch.shape[0] * (batch.shape[1] - 1)
+    finally:
+        ckpt.close()
+    return total, count
+
+
+def streamed_perplexity(path: str | Path, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 8, **kwargs) -> float:
+    """exp(mean next-token NLL), as `evaluation.perplexity.perplexity_from_ids`, streamed."""
+    total, count = streamed_nll(path, ids, seq_len, batch_size, **kwargs)
+    if count == 0:
+        raise ValueError("need at least two tokens to compute perplexity")
+    return math.exp(total / count)
