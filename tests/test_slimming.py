@@ -214,3 +214,20 @@ def test_uniform_width_reloads_in_every_family(tmp_path, family):
         stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
         assert torch.allclose(logits_of(stock, ids), expected, atol=1e-6, rtol=0)
     assert torch.allclose(logits_of(load_pruned(tmp_path / "out", dtype=torch.float32), ids), expected, atol=1e-6, rtol=0)
+
+
+def test_uniform_width_with_tied_embeddings_is_stock_loadable(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moeprune.testing.tiny_models import tiny_config
+
+    config = tiny_config("qwen3_moe")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    ids = random_batch(272, 2, 10)
+    report = slim_channels(model, moeprune.calibrate(model, ids, progress=False), None, ratio=1 / 3)
+    assert report.storage["stock_loadable"]
+    moeprune.save(model, tmp_path / "out")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert torch.allclose(logits_of(stock, ids), logits_of(model, ids), atol=1e-6, rtol=0)

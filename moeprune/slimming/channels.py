@@ -155,8 +155,10 @@ def _stock_compatible(model: nn.Module, key: str, width: int) -> bool:
             fresh = AutoModelForCausalLM.from_config(config)
     except Exception:  # noqa: BLE001 - a config the auto classes cannot build: use moeprune's loader
         return False
-    have = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    return have == {n: tuple(p.shape) for n, p in fresh.named_parameters()}
+    have = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    built = {n: tuple(p.shape) for n, p in fresh.named_parameters(remove_duplicate=False)}
+    tied = {"lm_head.weight"}  # listed or not depending on whether the embeddings are tied yet
+    return {k: v for k, v in have.items() if k not in tied} == {k: v for k, v in built.items() if k not in tied}
 
 
 def needs_custom_load(config: Any) -> bool:
