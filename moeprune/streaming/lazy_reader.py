@@ -171,6 +171,44 @@ class KeyMap:
         dot = prefix + "." if prefix else ""
         return [k for k, t in self.targets.items() if t.model_key.startswith(dot)]
 
+    def _stack_direct(self, ckpt: LazyCheckpoint, keys: list[str], converter: Any, dtype: torch.dtype | None) -> torch.Tensor | None:
+        """The fused [E, rows, cols] tensor that `MergeModulelist(dim=0)` (+ `Concatenate(dim=1)` over
+        the source patterns) builds from per-expert 2-D tensors, filled by copying each expert's
+        tensor into its slot: the same bits without the stacked and concatenated temporaries
+        (~0.9 GB of peak RSS and two copies per 128-expert bf16 layer). None (use the converter)
+        for any other conversion or an irregular set of keys."""
+        ops = [(type(o).__name__, getattr(o, "dim", None)) for o in converter.operations]
+        if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
+            return None
+        patterns = list(converter.source_patterns)
+        slots: dict[str, dict[int, str]] = {p: {} for p in patterns}
+        for key in keys:
+            target = self.targets[key]
+            if target.source_pattern not in slots or target.expert_index is None:
+                return None
+            slots[target.source_pattern][target.expert_index] = key
+        experts = sorted(slots[patterns[0]])
+        if not experts or experts != list(range(len(experts))) or any(sorted(slots[p]) != experts for p in patterns):
+            return None
+        shapes = {key: ckpt.shape(key) for key in keys}
+        rows = [shapes[slots[p][0]][0] for p in patterns]
+        cols = shapes[keys[0]][-1]
+        if any(len(shapes[slots[p][j]]) != 2 or shapes[slots[p][j]] != [r, cols]
+               for p, r in zip(patterns, rows) for j in experts):
+            return None
+        offset = {p: sum(rows[:i]) for i, p in enumerate(patterns)}
+        out = None
+        for key in ckpt.keys_by_shard(keys):
+            tensor = ckpt.get(key)
+            if out is None:
+                kind = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+                out = torch.empty(len(experts), sum(rows), cols, dtype=kind)
+            target = self.targets[key]
+            start = offset[target.source_pattern]
+            out[target.expert_index, start : start + tensor.shape[0]].copy_(tensor)
+            del tensor
+        return out
+
     def load_state(
         self, ckpt: LazyCheckpoint, disk_keys: Iterable[str], dtype: torch.dtype | None = None
     ) -> dict[str, torch.Tensor]:
@@ -195,6 +233,8 @@ class KeyMap:
                 if len(keys) > 1:
                     raise CorruptCheckpointError(f"{ckpt.path}: tensors {keys} all load into {first}")
                 results = {first: ckpt.get(keys[0])}
+            elif (fused := self._stack_direct(ckpt, keys, self.pattern_to_converter[pattern], dtype)) is not None:
+                results = {first: fused}
             else:
                 mapping = deepcopy(self.pattern_to_converter[pattern])
                 tensors = {key: ckpt.get(key) for key in ckpt.keys_by_shard(keys)}
