@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 BUNDLED = "builtin:tiny-moe"
 RANDOM_TINY = "builtin:random-tiny"
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-moe"
+# Fine-grained sibling (64 experts, top-8; same tokenizer): `builtin:tiny-moe-64`.
+BUNDLED_64 = "builtin:tiny-moe-64"
+ASSET_DIR_64 = ASSET_DIR.with_name("tiny-moe-64")
 
 
 def bundled_model_path() -> Path | None:
@@ -59,6 +62,10 @@ def resolve_model_path(spec: str) -> str:
         return str(path)
     if spec == RANDOM_TINY:
         return str(_random_tiny_path())
+    if spec == BUNDLED_64:
+        if not (ASSET_DIR_64 / "config.json").is_file():
+            raise FileNotFoundError(f"{BUNDLED_64} is not in this install ({ASSET_DIR_64} has no config.json)")
+        return str(ASSET_DIR_64)
     return spec
 
 
