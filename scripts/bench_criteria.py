@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32768)
     parser.add_argument("--auto-candidates", default=None, help="comma-separated; default the auto default list")
     parser.add_argument("--json", default="/tmp/bench_criteria.json")
+    parser.add_argument("--strategies", default=",".join(SCORED), help="calibrated strategies to run per seed")
+    parser.add_argument("--no-auto", action="store_true", help="skip auto and aimer")
     args = parser.parse_args()
     torch.manual_seed(0)
     dense, tok, _ = load_model(args.model)
@@ -52,12 +54,15 @@ def main() -> None:
         results.setdefault(name, {})[key] = ppl
         print(name, key, {k: round(v, 2) for k, v in ppl.items()}, flush=True)
 
-    evaluate("aimer", plan(None, "aimer", args.ratio, model=dense), "all")
+    if not args.no_auto:
+        evaluate("aimer", plan(None, "aimer", args.ratio, model=dense), "all")
     for seed in args.seeds:
         ids = calibration_ids("builtin:mixed", tok, 64, 256, seed)
         stats = calibrate(dense, ids, progress=False, meta={"num_hidden_layers": dense.config.num_hidden_layers})
-        for name in SCORED:
-            evaluate(name, plan(stats, name, args.ratio), f"seed{seed}")
+        for name in args.strategies.split(","):
+            evaluate(name, plan(stats, name, args.ratio, model=dense), f"seed{seed}")
+        if args.no_auto:
+            continue
         auto = {"candidates": args.auto_candidates.split(",")} if args.auto_candidates else None
         start = time.perf_counter()
         result = prune(PruneRecipe(model=args.model, strategy="auto", ratio=args.ratio, auto=auto,
