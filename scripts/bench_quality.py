@@ -1,11 +1,20 @@
-"""Quality benchmark: every expert strategy at 25% and 50% on the bundled trained MoE.
+"""Quality benchmark that separates signal from noise: strategies x ratios x calibration seeds.
 
-One calibration pass (built-in mixed train split), then for each strategy and ratio a fresh copy of
-the dense model is pruned in memory and measured on the held-out split: code and prose perplexity,
-next-token top-1 agreement and mean KL(dense || pruned) on held-out code + prose. The dense model is
-the first row. With --readme the table replaces the block between the bench_quality markers.
+For each model (default: both bundled models, coarse tiny-moe and fine-grained tiny-moe-64) one
+calibration per seed (``--samples`` x ``--seq-len`` tokens of builtin:mixed, train split) is
+reused by every registered strategy (``available_strategies()``, minus ``SKIP``) at every ratio
+(0.75 only where the kept experts still cover top-k); a calibration-size sweep (16k/64k/256k
+tokens) runs for ``--sweep-strategies``; ``RECIPE_ROWS`` (PruneRecipe dicts, run through
+``moeprune.api.prune``; other features append rows here) run per seed too. Every pruned model is
+measured on four held-out sets (built-in held-out code/prose, third-party code/prose nobody trained
+on), against the dense model's cached log-probabilities (top-1 agreement, KL) and on the offline
+multiple-choice tasks (``acc_mutual_info``; chance 0.25; retention = pruned / dense accuracy).
+Summary rows give mean ± half-range over seeds (half of max - min); a row is marked when its seed
+range of third-party code perplexity is disjoint from the best row's at the same model and ratio.
 
-    python scripts/bench_quality.py --readme README.md
+    python scripts/bench_quality.py --quick                       # one model, one seed, ratio 0.5
+    python scripts/bench_quality.py --json /tmp/bq.json            # everything (hours on 2 cores)
+    python scripts/bench_quality.py --render /tmp/a.json /tmp/b.json --readme README.md --plot docs/bench_quality.png
 """
 
 from __future__ import annotations
@@ -15,135 +24,278 @@ import copy
 import json
 import logging
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from moeprune.api import apply
-from moeprune.calibration.builtin_corpus import builtin_documents
-from moeprune.calibration.data import calibration_ids
-from moeprune.calibration.observer import calibrate
-from moeprune.evaluation import compare_models, encode_texts, format_table, perplexity_from_ids
-from moeprune.evaluation.report import format_markdown
-from moeprune.io.loading import BUNDLED, load_model
-from moeprune.plan import Plan
-from moeprune.strategies import available_strategies, get_strategy, plan
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from moeprune.api import apply  # noqa: E402
+from moeprune.calibration.builtin_corpus import builtin_documents  # noqa: E402
+from moeprune.calibration.data import calibration_ids  # noqa: E402
+from moeprune.calibration.observer import calibrate  # noqa: E402
+from moeprune.evaluation.agreement import kl_and_agreement  # noqa: E402
+from moeprune.evaluation.mc_score import score_items  # noqa: E402
+from moeprune.evaluation.mc_tasks import TASKS, load_task  # noqa: E402
+from moeprune.evaluation.perplexity import _logits, encode_texts, iter_windows, perplexity_from_ids  # noqa: E402
+from moeprune.io.loading import load_model  # noqa: E402
+from moeprune.strategies import available_strategies, get_strategy, plan  # noqa: E402
 
 START, END = "<!-- bench_quality:start -->", "<!-- bench_quality:end -->"
+MODELS = ["builtin:tiny-moe", "builtin:tiny-moe-64"]
+SETS = {"code": "code", "prose": "prose", "3p code": "third-party-code", "3p prose": "third-party-prose"}
+# Strategies that need inputs the benchmark does not have (or special arguments): name -> why.
+SKIP: dict[str, str] = {"premoe": "plans from task patterns (--patterns/--query)"}
+STRATEGY_PARAMS: dict[str, dict[str, Any]] = {}  # extra plan() params per strategy, if any needs them
+# Extra rows: PruneRecipe fields (model, ratio and calibration seed are filled in per run).
+RECIPE_ROWS: list[dict[str, Any]] = [
+    {"name": "reap + router-kd", "strategy": "reap", "ratio": 0.5, "router_kd": {"steps": 100, "lr": 1e-3}},
+    {"name": "reap 25% + sparsegpt 50%", "strategy": "reap", "ratio": 0.25,
+     "sparsify": {"method": "sparsegpt", "sparsity": 0.5}},
+]
+RANK_METRIC = "3p code ppl"
 
 
-def heldout(tokenizer, domain: str, tokens: int) -> torch.Tensor:
-    return encode_texts(tokenizer, builtin_documents(domain, "heldout"), max_tokens=tokens)
+class Reference:
+    """Held-out token streams, the dense model's cached log-probabilities and task items."""
+
+    def __init__(self, dense, tok, eval_tokens: int, agree_tokens: int, task_items: int, seq_len: int) -> None:
+        self.seq_len = seq_len
+        self.data = {name: encode_texts(tok, builtin_documents(d, "heldout"), eval_tokens) for name, d in SETS.items()}
+        self.agree = torch.cat([ids[:agree_tokens] for ids in self.data.values()])
+        with torch.no_grad():
+            self.ref_logp = [torch.log_softmax(_logits(dense, b)[:, :-1], -1)
+                             for b in iter_windows(self.agree, seq_len, 8)]
+        self.items = {name: load_task(name)[:task_items] for name in TASKS} if task_items else {}
+        self.tok = tok
+
+    def measure(self, model) -> dict[str, float]:
+        row = {f"{name} ppl": perplexity_from_ids(model, ids, self.seq_len, progress=False) for name, ids in self.data.items()}
+        kl = agree = n = 0.0
+        with torch.no_grad():
+            for ref, batch in zip(self.ref_logp, iter_windows(self.agree, self.seq_len, 8)):
+                k, a, p = kl_and_agreement(ref, _logits(model, batch)[:, :-1])
+                kl, agree, n = kl + k, agree + a, n + p
+        row.update({"top-1 agree": agree / n, "KL": kl / n})
+        for name, items in self.items.items():
+            row[f"{name.removeprefix('moeprune_')} acc"] = score_items(model, self.tok, items)["acc_mutual_info"]
+        return row
 
 
-def measure(dense, model, data: dict[str, torch.Tensor], agree_ids: torch.Tensor, seq_len: int) -> dict[str, Any]:
-    row: dict[str, Any] = {}
-    for domain, ids in data.items():
-        row[f"{domain} ppl"] = f"{perplexity_from_ids(model, ids, seq_len=seq_len, progress=False):.2f}"
-    if model is dense:
-        row.update({"top-1 agree": "1.000", "KL": "0.0000"})
-    else:
-        cmp = compare_models(dense, model, agree_ids, seq_len=seq_len)
-        row.update({"top-1 agree": f"{cmp['top1_agreement']:.3f}", "KL": f"{cmp['kl']:.4f}"})
-    return row
+def strategies(names: list[str] | None) -> list[str]:
+    chosen = names or [s for s in available_strategies() if s not in SKIP]
+    return [s for s in chosen if s in available_strategies()]
 
 
-def prune_in_memory(model, stats, strategy: str, ratio: float):
-    """Plan on `stats` and apply to `model`; returns the plan."""
-    result = plan(stats, strategy, ratio, model=model)
-    apply(model, result)
-    return result
+def run_model(spec: str, args, out: list[dict[str, Any]], dump) -> None:
+    dense, tok, _ = load_model(spec, dtype=torch.float32)
+    dense.eval()
+    cfg = dense.config
+    n_exp, top_k = cfg.num_experts, cfg.num_experts_per_tok
+    ref = Reference(dense, tok, args.eval_tokens, args.agree_tokens, args.task_items, args.seq_len)
+    base = {"model": spec, "experts": n_exp, "top_k": top_k}
+    t0 = time.time()
+    out.append({**base, "strategy": "dense", "ratio": 0.0, "seed": None, "calib_tokens": 0, **ref.measure(dense),
+                "seconds": time.time() - t0})
+    dump(out)
+    names = strategies(args.strategies)
+    ratios = [r for r in args.ratios if round(n_exp * (1 - r)) >= top_k]
+    need_dense = max(get_strategy(s).dense_tokens for s in names)
+    need_sample = max(get_strategy(s).sample_tokens(STRATEGY_PARAMS.get(s)) for s in names)
+    sizes = sorted({args.samples * args.seq_len, *(args.sweep_tokens if args.sweep_strategies else [])})
+    for seed in args.seeds:
+        for size in sizes:
+            ids = calibration_ids("builtin:mixed", tok, size // args.seq_len, args.seq_len, seed)
+            stats = calibrate(dense, ids, dense_tokens=need_dense, progress=False, sample_tokens=need_sample,
+                              sample_seed=seed, meta={"num_hidden_layers": cfg.num_hidden_layers})
+            main = size == args.samples * args.seq_len
+            todo = [(s, r) for s in names for r in ratios] if main else \
+                [(s, args.sweep_ratio) for s in args.sweep_strategies if s in names]
+            for name, ratio in todo:
+                t0 = time.time()
+                row = {**base, "strategy": name, "ratio": ratio, "seed": seed, "calib_tokens": size}
+                model = copy.deepcopy(dense)
+                try:
+                    apply(model, plan(stats, name, ratio, model=model, **STRATEGY_PARAMS.get(name, {})))
+                    row.update(ref.measure(model))
+                except Exception as err:  # a strategy that cannot run here is reported, not fatal
+                    row["error"] = f"{type(err).__name__}: {err}"[:200]
+                row["seconds"] = time.time() - t0
+                out.append(row)
+                dump(out)
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+                del model
+            del stats
+        if args.recipes:
+            run_recipes(spec, dense, tok, seed, ref, base, args, out, dump)
 
 
-def sparsity_rows(stats, ids) -> list[tuple[str, str, Callable]]:
-    """STUN's comparison: REAP 25% + 50% intra-expert sparsity (62.5% of routed-expert weights in
-    total) with each method, vs unstructured-only at the same total (with and without OWL)."""
-    from moeprune.sparsify.run import sparsify
+def run_recipes(spec, dense, tok, seed, ref, base, args, out, dump) -> None:
+    from moeprune.api import prune
+    from moeprune.config import PruneRecipe
 
-    def structured_then(method: str) -> Callable:
-        def run(model):
-            result = prune_in_memory(model, stats, "reap", 0.25)
-            sparsify(model, ids, method, 0.5, plan=result, progress=False)
-            return result
-        return run
+    for entry in RECIPE_ROWS:
+        fields = {k: v for k, v in entry.items() if k != "name"}
+        t0 = time.time()
+        row = {**base, "strategy": entry["name"], "ratio": fields.get("ratio", 0.5), "seed": seed,
+               "calib_tokens": args.samples * args.seq_len}
+        try:
+            recipe = PruneRecipe(model=spec, **fields, calibration={"samples": args.samples, "seq_len": args.seq_len,
+                                                                   "seed": seed})
+            result = prune(recipe, model=copy.deepcopy(dense), tokenizer=tok, progress=False)
+            row.update(ref.measure(result.model))
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {err}"[:200]
+        row["seconds"] = time.time() - t0
+        out.append(row)
+        dump(out)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
 
-    def unstructured(method: str, owl: bool) -> Callable:
-        return lambda model: sparsify(model, ids, method, 0.625, owl=owl, progress=False)
 
-    rows = [(f"reap + {m} 50%", "0.25+0.5", structured_then(m)) for m in ("wanda", "moe-pruner", "sparsegpt")]
-    rows += [("wanda only", "0.625", unstructured("wanda", False)), ("wanda+OWL only", "0.625", unstructured("wanda", True))]
-    return rows
+def metrics(rows: list[dict[str, Any]]) -> list[str]:
+    keys = [k for k in rows[0] if k.endswith(" ppl")] + ["top-1 agree", "KL"]
+    return keys + sorted({k for r in rows for k in r if k.endswith(" acc")})
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, strategy, ratio, calibration tokens): mean, half-range and seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["model"], r["strategy"], r["ratio"], r["calib_tokens"]), []).append(r)
+    dense = {r["model"]: r for r in rows if r["strategy"] == "dense"}
+    out = []
+    for (model, strategy, ratio, size), members in groups.items():
+        s = {"model": model, "strategy": strategy, "ratio": ratio, "calib_tokens": size, "n_seeds": len(members)}
+        for key in metrics(members):
+            values = [m[key] for m in members if key in m]
+            if values:
+                s[key] = statistics.fmean(values)
+                s[f"{key} ±"] = (max(values) - min(values)) / 2
+                if key.endswith(" acc") and model in dense and dense[model].get(key):
+                    s[f"{key} retention %"] = 100 * s[key] / dense[model][key]
+        out.append(s)
+    for s in out:  # disjoint seed ranges from the best (lowest third-party code ppl) at the same model/ratio
+        peers = [p for p in out if p["model"] == s["model"] and p["ratio"] == s["ratio"] and p["strategy"] != "dense"
+                 and p["calib_tokens"] == s["calib_tokens"] and RANK_METRIC in p]
+        if s["strategy"] == "dense" or RANK_METRIC not in s or not peers:
+            continue
+        best = min(peers, key=lambda p: p[RANK_METRIC])
+        lo, hi = s[RANK_METRIC] - s[f"{RANK_METRIC} ±"], best[RANK_METRIC] + best[f"{RANK_METRIC} ±"]
+        s["vs best"] = "best" if best is s else ("worse" if lo > hi else "≈")
+    return out
+
+
+def _cell(s: dict[str, Any], key: str, fmt: str) -> str:
+    if key not in s:
+        return ""
+    text = format(s[key], fmt) + (f" ± {format(s[f'{key} ±'], fmt)}" if s.get("n_seeds", 1) > 1 else "")
+    return text + (f" ({s[f'{key} retention %']:.0f}%)" if f"{key} retention %" in s else "")
+
+
+def markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    keys = metrics([r for r in rows if "error" not in r])
+    fmts = {k: (".3f" if k.endswith("acc") or k == "top-1 agree" else ".4f" if k == "KL" else ".1f") for k in keys}
+    head = ["model", "strategy", "ratio", "calib", "seeds", *keys, "vs best"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = sorted(summary, key=lambda s: (s["model"], s["ratio"], s["calib_tokens"] != 16384, s["calib_tokens"],
+                                           s.get(RANK_METRIC, 0)))
+    for s in order:
+        cells = [s["model"].removeprefix("builtin:"), s["strategy"], f"{s['ratio']:g}",
+                 f"{s['calib_tokens'] // 1024}k" if s["calib_tokens"] else "", str(s["n_seeds"])]
+        cells += [_cell(s, k, fmts[k]) for k in keys] + [s.get("vs best", "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    errors = sorted({(r["model"], r["strategy"], r["error"]) for r in rows if "error" in r})
+    lines += [f"\nNot measured: {m.removeprefix('builtin:')} {s}: {e}" for m, s, e in errors]
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict[str, Any]], path: Path, metric: str = RANK_METRIC) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({s["model"] for s in summary})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = [s for s in summary if s["model"] == model and s["calib_tokens"] in (0, 16384) and metric in s]
+        for strategy in sorted({s["strategy"] for s in rows if s["strategy"] != "dense"}):
+            pts = sorted((s["ratio"], s[metric], s[f"{metric} ±"]) for s in rows if s["strategy"] == strategy)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                        label=strategy)
+        for s in rows:
+            if s["strategy"] == "dense":
+                ax.axhline(s[metric], color="black", linestyle=":", label="dense")
+        ax.set(title=f"{model.removeprefix('builtin:')}: {metric} (mean ± half-range over seeds)",
+               xlabel="share of experts removed", ylabel=metric, yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=BUNDLED)
-    parser.add_argument("--strategies", nargs="*", default=None, help="default: every registered strategy")
-    parser.add_argument("--ratios", nargs="*", type=float, default=[0.25, 0.5])
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens per domain")
-    parser.add_argument("--agree-tokens", type=int, default=8192, help="held-out tokens per domain for agreement/KL")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-extra", action="store_true", help="skip the intra-expert sparsity rows")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--readme", type=Path)
-    parser.add_argument("--plot", type=Path, help="PNG: code perplexity vs share of experts removed, per strategy")
-    args = parser.parse_args()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="*", default=MODELS)
+    ap.add_argument("--strategies", nargs="*", default=None, help="default: every registered strategy minus SKIP")
+    ap.add_argument("--ratios", nargs="*", type=float, default=[0.25, 0.5, 0.75])
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--sweep-strategies", nargs="*", default=["reap", "frequency"])
+    ap.add_argument("--sweep-tokens", nargs="*", type=int, default=[16384, 65536, 262144])
+    ap.add_argument("--sweep-ratio", type=float, default=0.5)
+    ap.add_argument("--eval-tokens", type=int, default=16384, help="tokens per held-out set (perplexity)")
+    ap.add_argument("--agree-tokens", type=int, default=1024,
+                    help="tokens per held-out set for agreement/KL (dense log-probs cached in float32: 32 KB per token)")
+    ap.add_argument("--task-items", type=int, default=500, help="items per task (0: no tasks)")
+    ap.add_argument("--no-recipes", dest="recipes", action="store_false")
+    ap.add_argument("--quick", action="store_true", help="first model, first seed, ratio 0.5, small eval, no sweep")
+    ap.add_argument("--json", type=Path, help="per-run rows (written as they come)")
+    ap.add_argument("--render", nargs="*", type=Path, help="only render these JSON files (no runs)")
+    ap.add_argument("--readme", type=Path)
+    ap.add_argument("--plot", type=Path)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.models, args.seeds, args.ratios = args.models[:1], args.seeds[:1], [0.5]
+        args.eval_tokens, args.agree_tokens, args.task_items = 4096, 1024, 100
+        args.sweep_strategies, args.recipes = [], False
     started = time.time()
-    dense, tokenizer, path = load_model(args.model)
-    strategies = args.strategies or available_strategies()
-    data = {d: heldout(tokenizer, d, args.eval_tokens) for d in ("code", "prose")}
-    agree_ids = torch.cat([data["code"][: args.agree_tokens], data["prose"][: args.agree_tokens]])
-    ids = calibration_ids("builtin:mixed", tokenizer, args.samples, args.seq_len, args.seed)
-    dense_tokens = max(get_strategy(s).dense_tokens for s in strategies)
-    sample_tokens = max(get_strategy(s).sample_tokens() for s in strategies)  # NAEE's token sample
-    stats = calibrate(dense, ids, dense_tokens=dense_tokens, progress=False, sample_tokens=sample_tokens,
-                      sample_seed=args.seed, meta={"num_hidden_layers": dense.config.num_hidden_layers})
-    rows = [{"strategy": "dense", "ratio": "0", "experts/layer": stats.layers[min(stats.layers)].num_experts,
-             **measure(dense, dense, data, agree_ids, args.seq_len)}]
-    print(format_table(rows[-1:]), flush=True)
-    jobs: list[tuple[str, float, Callable]] = []
-    for ratio in args.ratios:
-        for name in strategies:
-            jobs.append((name, f"{ratio:g}", lambda m, name=name, ratio=ratio: prune_in_memory(m, stats, name, ratio)))
-    if not args.no_extra:
-        jobs += sparsity_rows(stats, ids)
-    for name, ratio, run in jobs:
-        model = copy.deepcopy(dense)
-        try:
-            result = run(model)
-            counts = sorted({lp.num_kept for lp in result.layers.values()}) if isinstance(result, Plan) else None
-            row = {"strategy": name, "ratio": ratio,
-                   "experts/layer": counts[0] if counts and len(counts) == 1 else (f"{counts[0]}-{counts[-1]}" if counts else "")}
-            row.update(measure(dense, model, data, agree_ids, args.seq_len))
-        except Exception as err:  # a strategy that cannot reach a ratio is reported, not fatal
-            row = {"strategy": name, "ratio": ratio, "experts/layer": f"error: {err}"[:60]}
-        rows.append(row)
-        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-        del model
-    table = format_markdown(rows)
-    command = "python scripts/bench_quality.py " + " ".join(sys.argv[1:])
-    header = (f"Model `{args.model}` ({path}); calibration: {args.samples} x {args.seq_len} tokens of builtin:mixed "
-              f"(seed {args.seed}); held-out: {args.eval_tokens} tokens per domain (perplexity), "
-              f"{args.agree_tokens} per domain (agreement, KL); {time.time() - started:.0f} s.")
-    print("\n" + header + "\n\n" + table)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    if args.plot:
-        from moeprune.evaluation.plots import plot_perplexity_vs_compression
+    if args.render:
+        rows = [r for p in args.render for r in json.loads(p.read_text())["rows"]]
+        commands = [json.loads(p.read_text())["command"] for p in args.render]
+        wall = sum(json.loads(p.read_text())["wall_seconds"] for p in args.render)
+    else:
+        rows, commands = [], ["python scripts/bench_quality.py " + " ".join(sys.argv[1:])]
 
-        points = [{"strategy": r["strategy"], "experts removed": float(r["ratio"]), "code perplexity": float(r["code ppl"])}
-                  for r in rows[1:] if "code ppl" in r and re.fullmatch(r"[0-9.]+", r["ratio"]) and r["strategy"] in strategies]
-        plot_perplexity_vs_compression(points, args.plot, x="experts removed", y="code perplexity",
-                                       dense=float(rows[0]["code ppl"]), title=f"{args.model}: held-out code perplexity")
+        def dump(current):
+            if args.json:
+                args.json.write_text(json.dumps({"command": commands[0], "wall_seconds": time.time() - started,
+                                                 "rows": current}, indent=1))
+
+        for spec in args.models:
+            run_model(spec, args, rows, dump)
+        wall = time.time() - started
+    summary = summarise(rows)
+    table = markdown(summary, rows)
+    header = ("`" + "`, `".join(commands) + f"` ({wall / 60:.0f} min of runs). Mean ± half-range over calibration seeds "
+              f"(64 x 256 tokens of builtin:mixed unless `calib` says otherwise); perplexity on the built-in held-out "
+              f"split (code, prose) and third-party text (3p); agreement/KL vs the dense model's cached outputs; "
+              f"task accuracy = acc_mutual_info, chance 0.250. `vs best`: `worse` when the seed range of {RANK_METRIC} "
+              "is disjoint from the best row's at the same model and ratio, `≈` when they overlap.")
+    print("\n" + header + "\n\n" + table)
+    if args.plot:
+        plot(summary, args.plot)
+    if args.readme:
         text = args.readme.read_text()
-        block = f"{START}\n`{command.strip()}`\n\n{header}\n\n{table}\n{END}"
+        block = f"{START}\n{header}\n\n{table}\n{END}"
         if START in text:
             text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
         else:

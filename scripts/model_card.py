@@ -1,20 +1,22 @@
-"""Measure the bundled tiny MoE and write ``moeprune/assets/tiny-moe/MODEL_CARD.md``.
+"""Measure a bundled tiny MoE and write its ``MODEL_CARD.md`` (tiny-moe, tiny-moe-64).
 
 Why: the bundled model is a test fixture for pruning strategies, so its card must show that its
 experts specialise: dropping the most-used half of each layer's experts must hurt far more than
 dropping the least-used half, with random drops in between. Frequencies come from a calibration
-sample of the TRAIN split; perplexities from the held-out split. Dropping an expert = masking its
+sample of the TRAIN split; perplexities from the held-out split and from the third-party held-out
+text (dependencies' sources and docs, never trained on: ``builtin:third-party-code/-prose``). Dropping an expert = masking its
 router logit with -inf (``moeprune.evaluation.routing_mask``), the reference semantics of pruning.
 
 Usage::
 
-    python scripts/model_card.py [--model DIR] [--max-tokens N]
+    python scripts/model_card.py [--model DIR] [--max-tokens N] [--third-party-tokens N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
@@ -35,6 +37,16 @@ from moeprune.evaluation.routing_stats import (  # noqa: E402
 )
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "moeprune" / "assets" / "tiny-moe"
+SETS = {"code": "code", "prose": "prose", "3rd-party code": "third-party-code", "3rd-party prose": "third-party-prose"}
+INTRO = {
+    "tiny-moe": "A small Qwen3-MoE (coarse-grained: 16 experts, top-2)",
+    "tiny-moe-64": "A small fine-grained Qwen3-MoE (64 experts, top-8, the same active expert width per token as "
+                   "tiny-moe's 16 x top-2, like Qwen3-30B-A3B's 128 x top-8)",
+}
+CONVERT = ("- llama.cpp: `convert_hf_to_gguf.py` identifies a BPE pre-tokenizer by hashing the token ids of a probe "
+           "string, so any newly trained vocabulary is reported as \"not recognized\". The pre-tokenizer here is "
+           "GPT-2's byte-level regex (`ByteLevel`, `use_regex`), so convert by mapping the reported hash to "
+           "`\"gpt2\"` in `get_vocab_base_pre()` (or registering it with `convert_hf_to_gguf_update.py`).")
 
 
 def calibration_ids(tok, domain: str, n_tokens: int, seed: int = 0) -> torch.Tensor:
@@ -63,11 +75,47 @@ def drop_conditions(freq: torch.Tensor, freq_code: torch.Tensor, freq_prose: tor
     return conds
 
 
+TP_START, TP_END = "<!-- third-party:start -->", "<!-- third-party:end -->"
+
+
+def append_third_party(args, rows: list[dict], heldout: dict[str, torch.Tensor], seconds: float) -> None:
+    """Add the third-party figures to an existing card (its other figures stay as published)."""
+    sets = [d for d in SETS if d.startswith("3rd")]
+    block = [
+        TP_START,
+        "## Third-party held-out text",
+        f"Text nobody here trained on: sources and docs of the dependencies (`builtin:third-party-code`, "
+        f"{heldout['3rd-party code'].numel():,} tokens; `builtin:third-party-prose`, "
+        f"{heldout['3rd-party prose'].numel():,} tokens), same experts dropped as above "
+        f"(frequencies from {args.calib_tokens:,} train-split tokens per domain).",
+        "",
+        "| experts dropped per layer | " + " | ".join(f"{d} ppl" for d in sets) + " |",
+        "|---|" + "---|" * len(sets),
+        *[f"| {r['dropped per layer']} | " + " | ".join(f"{r[f'{d} ppl']:.2f}" for d in sets) + " |" for r in rows],
+        "",
+        f"_Measured in {seconds:.0f} s with torch {torch.__version__}._",
+        TP_END,
+    ]
+    card = args.model / "MODEL_CARD.md"
+    text = card.read_text()
+    if TP_START in text:
+        text = text[: text.index(TP_START)] + text[text.index(TP_END) + len(TP_END):].lstrip("\n")
+    card.write_text(text.rstrip("\n") + "\n\n" + "\n".join(block) + "\n")
+    ev = args.model / "evaluation.json"
+    data = json.loads(ev.read_text()) if ev.is_file() else {}
+    data["third_party_rows"] = rows
+    ev.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"updated {card}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--max-tokens", type=int, default=None, help="cap per held-out domain (default: all)")
     ap.add_argument("--calib-tokens", type=int, default=32768, help="train-split tokens per domain")
+    ap.add_argument("--third-party-tokens", type=int, default=32768, help="cap per third-party held-out domain")
+    ap.add_argument("--append-third-party", action="store_true",
+                    help="keep the card and add (or replace) a section measured on the third-party sets only")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; on a busy 2-core machine 2 threads measured >10x slower than 1")
@@ -80,7 +128,10 @@ def main() -> None:
     cfg = model.config
     n_experts = cfg.num_experts
 
-    heldout = {d: encode_texts(tok, builtin_documents(d, "heldout"), args.max_tokens) for d in ("code", "prose")}
+    heldout = {name: encode_texts(tok, builtin_documents(d, "heldout"),
+                                  args.third_party_tokens if d.startswith("third-party") else args.max_tokens)
+               for name, d in SETS.items()
+               if not args.append_third_party or d.startswith("third-party") or d in ("code", "prose")}
     calib = {d: calibration_ids(tok, d, args.calib_tokens) for d in ("code", "prose")}
     freq_code = routing_frequencies(model, calib["code"], args.seq_len)
     freq_prose = routing_frequencies(model, calib["prose"], args.seq_len)
@@ -89,23 +140,28 @@ def main() -> None:
     held_code = routing_frequencies(model, heldout["code"], args.seq_len)
     held_prose = routing_frequencies(model, heldout["prose"], args.seq_len)
 
+    measured = {k: v for k, v in heldout.items() if not args.append_third_party or k.startswith("3rd")}
     rows = []
     for name, dropped in drop_conditions(freq, freq_code, freq_prose, n_experts):
         with mask_experts(model, dropped):
-            ppl = {d: perplexity_from_ids(model, ids, args.seq_len) for d, ids in heldout.items()}
-        rows.append({"dropped per layer": name, "code ppl": ppl["code"], "prose ppl": ppl["prose"]})
-        print(f"{name:28s} code {ppl['code']:8.2f} prose {ppl['prose']:8.2f}", flush=True)
+            ppl = {d: perplexity_from_ids(model, ids, args.seq_len) for d, ids in measured.items()}
+        rows.append({"dropped per layer": name, **{f"{d} ppl": v for d, v in ppl.items()}})
+        print(f"{name:28s} " + " ".join(f"{d} {v:8.2f}" for d, v in ppl.items()), flush=True)
 
+    if args.append_third_party:
+        append_third_party(args, rows, heldout, time.time() - t0)
+        return
     meta_path = args.model / "training_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     entropy = routing_entropy(freq)
     tv = total_variation(held_code, held_prose)
     dead = (freq < 1e-3).sum(dim=1)
 
+    name = args.model.resolve().name
     lines = [
-        "# tiny-moe: the model bundled with moeprune",
+        f"# {name}: a model bundled with moeprune (`builtin:{name}`)",
         "",
-        "A small Qwen3-MoE trained from scratch on text shipped with CPython (stdlib sources as *code*;",
+        f"{INTRO.get(name, 'A small Qwen3-MoE')} trained from scratch on text shipped with CPython (stdlib sources as *code*;",
         "pydoc topics, long docstrings, LICENSE and IDLE NEWS as *prose*), so tests and demos of MoE",
         "pruning run offline on a model whose experts actually specialise. Not a useful language model.",
         "Trained with `scripts/train_tiny_moe.py`; this card written by `scripts/model_card.py`.",
@@ -117,7 +173,9 @@ def main() -> None:
         f"norm_topk_prob={cfg.norm_topk_prob}, vocab {cfg.vocab_size}, tied embeddings.",
         f"- Parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M; stored in bf16 "
         "(load with `dtype=torch.float32`).",
-        "- Tokenizer: byte-level BPE, 8,192 tokens, `<|endoftext|>` is bos/eos/pad/unk.",
+        "- Tokenizer: byte-level BPE, 8,192 tokens, `<|endoftext|>` is bos/eos/pad/unk (tiny-moe and tiny-moe-64 "
+        "share it, so their perplexities are comparable).",
+        CONVERT,
         "",
         "## Training",
         f"- Steps: {meta.get('steps_done', '?')} of {meta.get('steps_planned', '?')} planned; "
@@ -132,15 +190,20 @@ def main() -> None:
         "",
         "## Held-out evaluation",
         f"Held-out split of the built-in corpora ({heldout['code'].numel():,} code tokens, "
-        f"{heldout['prose'].numel():,} prose tokens{'' if args.max_tokens is None else f', capped at {args.max_tokens}'}), "
+        f"{heldout['prose'].numel():,} prose tokens{'' if args.max_tokens is None else f', capped at {args.max_tokens}'}) "
+        f"and third-party held-out text never trained on ({heldout['3rd-party code'].numel():,} code tokens, "
+        f"{heldout['3rd-party prose'].numel():,} prose tokens: sources and docs of transformers, torch, scipy, ..., "
+        "`builtin:third-party-code` / `builtin:third-party-prose`), "
         f"non-overlapping windows of {args.seq_len} tokens.",
         "",
         f"- Code perplexity: **{rows[0]['code ppl']:.2f}**; prose perplexity: **{rows[0]['prose ppl']:.2f}**.",
+        f"- Third-party code perplexity: **{rows[0]['3rd-party code ppl']:.2f}**; third-party prose perplexity: "
+        f"**{rows[0]['3rd-party prose ppl']:.2f}**.",
         "",
         "Routing entropy and rarely used experts: train-calibration frequencies (see below); TV: total",
         "variation between the routing frequencies on held-out code and on held-out prose.",
         "",
-        "| layer | routing entropy (bits, max 4.0) | experts used < 0.1% | TV(held-out code, prose) |",
+        f"| layer | routing entropy (bits, max {math.log2(n_experts):.1f}) | experts used < 0.1% | TV(held-out code, prose) |",
         "|---|---|---|---|",
     ]
     for layer in range(freq.shape[0]):
@@ -152,10 +215,10 @@ def main() -> None:
         "0.35 prose); experts dropped per layer by masking their router logits with -inf; held-out "
         "perplexity. Domain-leaning = largest (prose frequency - code frequency) or the reverse.",
         "",
-        "| experts dropped per layer | code ppl | prose ppl |",
-        "|---|---|---|",
+        "| experts dropped per layer | " + " | ".join(f"{d} ppl" for d in SETS) + " |",
+        "|---|" + "---|" * len(SETS),
     ]
-    lines += [f"| {r['dropped per layer']} | {r['code ppl']:.2f} | {r['prose ppl']:.2f} |" for r in rows]
+    lines += [f"| {r['dropped per layer']} | " + " | ".join(f"{r[f'{d} ppl']:.2f}" for d in SETS) + " |" for r in rows]
     lines += ["", f"_Measured in {time.time() - t0:.0f} s with torch {torch.__version__}._", ""]
     (args.model / "MODEL_CARD.md").write_text("\n".join(lines))
     (args.model / "evaluation.json").write_text(json.dumps({
