@@ -79,7 +79,7 @@ class Reference:
             for ref, batch in zip(self.ref_logp, iter_windows(self.agree, self.seq_len, 8)):
                 k, a, p = kl_and_agreement(ref, _logits(model, batch)[:, :-1])
                 kl, agree, n = kl + k, agree + a, n + p
-        row.update({"top-1 agree": agree / n, "KL": kl / n})
+        row.update({"top-1 agree": agree / n, "KL": max(0.0, kl / n)})
         for name, items in self.items.items():
             row[f"{name.removeprefix('moeprune_')} acc"] = score_items(model, self.tok, items)["acc_mutual_info"]
         return row
@@ -171,7 +171,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (model, strategy, ratio, size), members in groups.items():
         s = {"model": model, "strategy": strategy, "ratio": ratio, "calib_tokens": size, "n_seeds": len(members)}
         for key in metrics(members):
-            values = [m[key] for m in members if key in m]
+            values = [max(0.0, m[key]) if key == "KL" else m[key] for m in members if key in m]  # -1e-10 is 0
             if values:
                 s[key] = statistics.fmean(values)
                 s[f"{key} ±"] = (max(values) - min(values)) / 2
@@ -189,24 +189,45 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _cell(s: dict[str, Any], key: str, fmt: str) -> str:
+def _higher_is_better(key: str) -> bool:
+    return key.endswith(" acc") or key == "top-1 agree"
+
+
+def separated(s: dict[str, Any], peers: list[dict[str, Any]], key: str) -> str:
+    """'best', 'worse' (seed range disjoint from the best peer's) or '' (within the seed spread)."""
+    sign = -1 if _higher_is_better(key) else 1
+    ranked = [p for p in peers if key in p]
+    if not ranked or key not in s:
+        return ""
+    best = min(ranked, key=lambda p: sign * p[key])
+    if best is s:
+        return "best"
+    gap = sign * (s[key] - best[key])
+    return "worse" if gap > s.get(f"{key} ±", 0) + best.get(f"{key} ±", 0) else ""
+
+
+def _cell(s: dict[str, Any], key: str, fmt: str, mark: str = "") -> str:
     if key not in s:
         return ""
     text = format(s[key], fmt) + (f" ± {format(s[f'{key} ±'], fmt)}" if s.get("n_seeds", 1) > 1 else "")
+    text = f"**{text}**" if mark == "best" else text + (" *" if mark == "worse" else "")
     return text + (f" ({s[f'{key} retention %']:.0f}%)" if f"{key} retention %" in s else "")
 
 
 def markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     keys = metrics([r for r in rows if "error" not in r])
     fmts = {k: (".3f" if k.endswith("acc") or k == "top-1 agree" else ".4f" if k == "KL" else ".1f") for k in keys}
-    head = ["model", "strategy", "ratio", "calib", "seeds", *keys, "vs best"]
+    head = ["model", "strategy", "ratio", "calib", "seeds", *keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = sorted(summary, key=lambda s: (s["model"], s["ratio"], s["calib_tokens"] != 16384, s["calib_tokens"],
                                            s.get(RANK_METRIC, 0)))
     for s in order:
         cells = [s["model"].removeprefix("builtin:"), s["strategy"], f"{s['ratio']:g}",
                  f"{s['calib_tokens'] // 1024}k" if s["calib_tokens"] else "", str(s["n_seeds"])]
-        cells += [_cell(s, k, fmts[k]) for k in keys] + [s.get("vs best", "")]
+        peers = [p for p in summary if p["strategy"] != "dense" and p["model"] == s["model"]
+                 and p["ratio"] == s["ratio"] and p["calib_tokens"] == s["calib_tokens"]]
+        marks = {k: separated(s, peers, k) if s["strategy"] != "dense" and len(peers) > 1 else "" for k in keys}
+        cells += [_cell(s, k, fmts[k], marks[k]) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     errors = sorted({(r["model"], r["strategy"], r["error"]) for r in rows if "error" in r})
     lines += [f"\nNot measured: {m.removeprefix('builtin:')} {s}: {e}" for m, s, e in errors]
@@ -269,9 +290,15 @@ def main() -> None:
         args.sweep_strategies, args.recipes = [], False
     started = time.time()
     if args.render:
-        rows = [r for p in args.render for r in json.loads(p.read_text())["rows"]]
+        rows, seen_dense = [], set()
+        for p in args.render:  # every file measured its model's dense row; keep one per model
+            for r in json.loads(p.read_text())["rows"]:
+                if r["strategy"] == "dense" and r["model"] in seen_dense:
+                    continue
+                seen_dense.add(r["model"]) if r["strategy"] == "dense" else None
+                rows.append(r)
         commands = [json.loads(p.read_text())["command"] for p in args.render]
-        wall = sum(json.loads(p.read_text())["wall_seconds"] for p in args.render)
+        wall = sum(json.loads(p.read_text())["wall_seconds"] for p in args.render)  # summed, run in parallel or not
     else:
         rows, commands = [], ["python scripts/bench_quality.py " + " ".join(sys.argv[1:])]
 
@@ -288,8 +315,9 @@ def main() -> None:
     header = ("`" + "`, `".join(commands) + f"` ({wall / 60:.0f} min of runs). Mean ± half-range over calibration seeds "
               f"(64 x 256 tokens of builtin:mixed unless `calib` says otherwise); perplexity on the built-in held-out "
               f"split (code, prose) and third-party text (3p); agreement/KL vs the dense model's cached outputs; "
-              f"task accuracy = acc_mutual_info, chance 0.250. `vs best`: `worse` when the seed range of {RANK_METRIC} "
-              "is disjoint from the best row's at the same model and ratio, `≈` when they overlap.")
+              f"task accuracy = acc_mutual_info, chance 0.250 (retention in brackets). Bold: best in its column at "
+              "that model, ratio and calibration size; `*`: worse than the best by more than the two seed "
+              "half-ranges together (disjoint seed ranges); unmarked: within the seed spread of the best.")
     print("\n" + header + "\n\n" + table)
     if args.plot:
         plot(summary, args.plot)

@@ -33,6 +33,9 @@ def test_summary_by_hand() -> None:
     assert summary["a"]["3p code ppl"] == pytest.approx(22.0) and summary["a"]["3p code ppl ±"] == pytest.approx(2.0)
     assert summary["a"]["next_line acc retention %"] == pytest.approx(75.0)
     assert (summary["a"]["vs best"], summary["b"]["vs best"], summary["c"]["vs best"]) == ("best", "worse", "≈")
+    peers = [summary[k] for k in "abc"]
+    assert [bench.separated(summary[k], peers, "3p code ppl") for k in "abc"] == ["best", "worse", ""]
+    assert bench.separated(summary["a"], peers, "next_line acc") == "best"
     assert "d" not in summary and summary["a"]["n_seeds"] == 3
     table = bench.markdown(list(summary.values()), rows)
-    assert "22.0 ± 2.0" in table and "0.600 ± 0.000 (75%)" in table and "Not measured: m d: PlanError" in table
+    assert "**22.0 ± 2.0**" in table and "31.0 ± 1.0 *" in table and "**0.600 ± 0.000** (75%)" in table and "Not measured: m d: PlanError" in table
