@@ -106,6 +106,8 @@ def run_model(spec: str, args, out: list[dict[str, Any]], dump) -> None:
     need_dense = max(get_strategy(s).dense_tokens for s in names)
     need_sample = max(get_strategy(s).sample_tokens(STRATEGY_PARAMS.get(s)) for s in names)
     sizes = sorted({args.samples * args.seq_len, *(args.sweep_tokens if args.sweep_strategies else [])})
+    if args.sweep_only:
+        sizes = [t for t in sizes if t != args.samples * args.seq_len]
     for seed in args.seeds:
         for size in sizes:
             ids = calibration_ids("builtin:mixed", tok, size // args.seq_len, args.seq_len, seed)
@@ -244,6 +246,18 @@ def plot(summary: list[dict[str, Any]], path: Path, metric: str = RANK_METRIC) -
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         rows = [s for s in summary if s["model"] == model and s["calib_tokens"] in (0, 16384) and metric in s]
+        if len({s["ratio"] for s in rows if s["strategy"] != "dense"}) == 1:  # one ratio: strategies side by side
+            pruned = sorted((s for s in rows if s["strategy"] != "dense"), key=lambda s: s[metric])
+            ax.errorbar(range(len(pruned)), [s[metric] for s in pruned], yerr=[s[f"{metric} ±"] for s in pruned],
+                        fmt="o", capsize=4)
+            ax.set_xticks(range(len(pruned)), [s["strategy"] for s in pruned], rotation=30, ha="right")
+            for s in rows:
+                if s["strategy"] == "dense":
+                    ax.axhline(s[metric], color="black", linestyle=":", label="dense")
+            ax.set(title=f"{model.removeprefix('builtin:')}, {pruned[0]['ratio']:g} of experts removed: {metric}\n"
+                         "(mean ± half-range over calibration seeds)", ylabel=metric, yscale="log")
+            ax.legend(fontsize=7)
+            continue
         for strategy in sorted({s["strategy"] for s in rows if s["strategy"] != "dense"}):
             pts = sorted((s["ratio"], s[metric], s[f"{metric} ±"]) for s in rows if s["strategy"] == strategy)
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
@@ -270,6 +284,7 @@ def main() -> None:
     ap.add_argument("--sweep-strategies", nargs="*", default=["reap", "frequency"])
     ap.add_argument("--sweep-tokens", nargs="*", type=int, default=[16384, 65536, 262144])
     ap.add_argument("--sweep-ratio", type=float, default=0.5)
+    ap.add_argument("--sweep-only", action="store_true", help="only the calibration sizes other than --samples x --seq-len")
     ap.add_argument("--eval-tokens", type=int, default=16384, help="tokens per held-out set (perplexity)")
     ap.add_argument("--agree-tokens", type=int, default=1024,
                     help="tokens per held-out set for agreement/KL (dense log-probs cached in float32: 32 KB per token)")
