@@ -204,6 +204,8 @@ def separated(s: dict[str, Any], peers: list[dict[str, Any]], key: str) -> str:
     best = min(ranked, key=lambda p: sign * p[key])
     if best is s:
         return "best"
+    if s.get("n_seeds", 1) < 2 or best.get("n_seeds", 1) < 2:  # no spread measured: nothing to separate
+        return ""
     gap = sign * (s[key] - best[key])
     return "worse" if gap > s.get(f"{key} ±", 0) + best.get(f"{key} ±", 0) else ""
 
