@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -123,12 +124,34 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--strategy")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--prune-output", help="Rank 0 also plans and writes the pruned checkpoint here.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace previous moeprune outputs at --output/--prune-output.")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """The output policy, before any calibration: neither output may be, contain or sit inside the
+    input, replace foreign content, or have an unusable parent (every rank checks; nothing is written)."""
+    from moeprune.io.loading import check_local_checkpoint, looks_like_local_path, resolve_model_path
+    from moeprune.io.output_policy import check_output
+
+    model_dir = resolve_model_path(args.model)
+    if looks_like_local_path(model_dir) or Path(model_dir).exists():
+        check_local_checkpoint(Path(model_dir))  # missing, not a checkpoint, truncated shard: one line
+    check_output(args.output, [model_dir], kind="stats", overwrite=args.overwrite)
+    if args.prune_output:
+        check_output(args.prune_output, [model_dir, args.output], kind="checkpoint", overwrite=args.overwrite)
+        if Path(args.prune_output).resolve() == Path(args.output).resolve():
+            raise ValueError("--prune-output and --output are the same path; give two different paths")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
+    try:
+        check_outputs(args)
+    except (ValueError, OSError) as err:  # one line, exit 2, before any work
+        print(f"Error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
     rank, world = init_distributed()
     if args.ids:
         ids = torch.load(args.ids)
@@ -158,14 +181,16 @@ def main(argv: list[str] | None = None) -> None:
                 from moeprune.io.loading import resolve_model_path
                 from moeprune.streaming.streamed_apply import streamed_apply
 
-                out = streamed_apply(resolve_model_path(args.model), result, args.prune_output, progress=not args.quiet)
+                out = streamed_apply(resolve_model_path(args.model), result, args.prune_output,
+                                     overwrite=args.overwrite, progress=not args.quiet)
             else:
                 from moeprune.apply.surgery import apply_plan
                 from moeprune.io.checkpoint import save_pruned
                 from moeprune.io.loading import load_model
 
                 model, tokenizer, path = load_model(args.model)
-                out = save_pruned(apply_plan(model, result), args.prune_output, plan=result, tokenizer=tokenizer, input_dir=path)
+                out = save_pruned(apply_plan(model, result), args.prune_output, plan=result, tokenizer=tokenizer,
+                                  input_dir=path, overwrite=args.overwrite)
             print(f"rank 0/{world}: wrote {out}")
     if dist.is_initialized():
         dist.barrier()

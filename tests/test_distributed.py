@@ -55,3 +55,31 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, offload):
         for name, value in layer.tensors.items():
             torch.testing.assert_close(both.layers[index].tensors[name], value, rtol=1e-10, atol=1e-12, msg=name)
     assert Plan.load(pruned / "moeprune_plan.json").layers == make_plan(single, "frequency", 0.5).layers
+
+
+@pytest.mark.parametrize("where", ["stats-inside-input", "prune-output-parent-of-input", "foreign-stats", "no-model"])
+def test_outputs_refused_before_any_work(tmp_path, capsys, where, monkeypatch):
+    """The data-parallel entry point follows the one output policy, before calibrating."""
+    from moeprune import distributed
+
+    path = save_tiny_checkpoint("qwen3_moe", tmp_path / "models" / "ckpt", max_shard_size="20KB")
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    foreign = tmp_path / "notes.safetensors"
+    foreign.write_text("mine")
+    args = {"stats-inside-input": ["--output", str(path / "stats.safetensors")],
+            "prune-output-parent-of-input": ["--output", str(tmp_path / "s.safetensors"),
+                                             "--prune-output", str(tmp_path / "models"), "--overwrite"],
+            "foreign-stats": ["--output", str(foreign), "--overwrite"],
+            "no-model": ["--output", str(tmp_path / "s.safetensors")]}[where]
+    if where == "no-model":
+        path = tmp_path / "models" / "absent"
+    monkeypatch.setattr(distributed, "distributed_calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        distributed.main([str(path), "--ids", str(tmp_path / "missing.pt"), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error: ") and "\n" not in err
+    model_dir = tmp_path / "models" / "ckpt"
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before and foreign.read_text() == "mine"
+    assert not (tmp_path / "s.safetensors").exists()
