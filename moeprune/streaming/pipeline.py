@@ -89,8 +89,6 @@ def prune_offloaded(
         raise ValueError("--dynamic-skip fits its betas on the pruned model in memory; drop --offload")
     if recipe.slim is not None or recipe.patterns:
         raise ValueError("channel slimming and task patterns (slim:, patterns:) run in memory only; drop --offload")
-    if recipe.slim is not None or recipe.patterns:
-        raise ValueError("channel slimming and task patterns (slim:, patterns:) run in memory only; drop --offload")
     path = Path(resolve_model_path(recipe.model))
     if not path.is_dir():
         raise FileNotFoundError(f"--offload needs a local checkpoint directory; {recipe.model} is not one (download it first)")
