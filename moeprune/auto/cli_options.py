@@ -10,6 +10,8 @@ import functools
 
 import click
 
+from moeprune.click_groups import stack_options
+
 
 def auto_options(fn):
     """Add --auto-candidates / --auto-budget to a command."""
@@ -31,6 +33,4 @@ def auto_options(fn):
         click.option("--auto-budget", is_flag=True, default=False,
                      help="With --strategy auto: also try a global budget for every candidate that has one."),
     ]
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
+    return stack_options(wrapper, options)

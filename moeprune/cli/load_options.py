@@ -13,6 +13,7 @@ import functools
 
 import click
 
+from moeprune.click_groups import stack_options
 from moeprune.io.loading import DTYPE_CHOICES, set_trust_remote_code
 
 
@@ -43,8 +44,6 @@ def load_options(allow_nonfinite: bool = False):
             options.append(click.option("--uniform", is_flag=True,
                                         help="Re-plan a non-uniform plan (--budget global) with equal per-layer counts "
                                              "at the same budget, loadable by llama.cpp/vLLM."))
-        for option in reversed(options):
-            wrapper = option(wrapper)
-        return wrapper
+        return stack_options(wrapper, options)
 
     return decorate

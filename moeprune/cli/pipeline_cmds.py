@@ -16,6 +16,7 @@ from moeprune.config import load_recipe
 from moeprune.io.checkpoint import save_pruned
 from moeprune.io.loading import BUNDLED, load_model
 from moeprune.cli.device_options import device_option
+from moeprune.click_groups import stack_options
 from moeprune.devices import move_model, resolve_device
 from moeprune.plan import Plan
 from moeprune.strategies import available_strategies, get_strategy, plan
@@ -36,9 +37,7 @@ def _calibration_options(fn):
         click.option("--seed", type=int, help="Seed for sampling calibration documents."),
         click.option("--batch-size", type=int, help="Sequences per forward pass."),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return stack_options(fn, options)
 
 
 def _strategy_options(fn):
@@ -49,9 +48,7 @@ def _strategy_options(fn):
         click.option("--budget", type=click.Choice(["layer", "global"]), help="Uniform per layer, or one global budget."),
         click.option("--protect-super/--no-protect-super", default=None, help="Never drop super experts (default on for REAP)."),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return stack_options(fn, options)
 
 
 @click.command()

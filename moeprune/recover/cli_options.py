@@ -7,9 +7,9 @@ recipe's `router_kd:` section.
 
 from __future__ import annotations
 
-import functools
-
 import click
+
+from moeprune.click_groups import recipe_option_group
 
 _OPTIONS = {
     "router_kd_steps": "router_kd.steps",
@@ -25,31 +25,21 @@ _OPTIONS = {
 }
 
 
-def router_kd_options(fn):
-    """Add --router-kd STEPS, --router-kd-local and their --router-kd-* settings to a command."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        kwargs["router_kd_overrides"] = {key: kwargs.pop(name) for name, key in _OPTIONS.items()}
-        return fn(*args, **kwargs)
-
-    options = [
-        click.option("--router-kd", "router_kd_steps", type=int, metavar="STEPS",
-                     help="After compression, train only the routers for STEPS steps: KL to the dense model's next-token distributions."),
-        click.option("--router-kd-local/--no-router-kd-local", "router_kd_local", default=None,
-                     help="Layer-local router calibration: fit each router to reproduce the dense MoE block's output."),
-        click.option("--router-kd-lr", type=float, help="Router KD learning rate (default 5e-5, the paper's)."),
-        click.option("--router-kd-batch-size", type=int, help="Router KD sequences per step (default 2)."),
-        click.option("--router-kd-samples", type=int, help="Router-calibration sequences, held apart from planning (default 64)."),
-        click.option("--router-kd-top-k", type=int, help="Teacher log-probs cached per token (default 64, plus the tail mass)."),
-        click.option("--router-kd-temperature", type=float, help="KD temperature tau (default 1)."),
-        click.option("--router-kd-seed", type=int, help="Seed for router-calibration tokens and batch order (default --seed)."),
-        click.option("--router-kd-local-steps", type=int, help="Layer-local steps per MoE layer (default 200)."),
-        click.option("--router-kd-local-lr", type=float, help="Layer-local learning rate (default 1e-3)."),
-    ]
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
+# Add --router-kd STEPS, --router-kd-local and their --router-kd-* settings to a command.
+router_kd_options = recipe_option_group("router_kd_overrides", _OPTIONS, [
+    click.option("--router-kd", "router_kd_steps", type=int, metavar="STEPS",
+                 help="After compression, train only the routers for STEPS steps: KL to the dense model's next-token distributions."),
+    click.option("--router-kd-local/--no-router-kd-local", "router_kd_local", default=None,
+                 help="Layer-local router calibration: fit each router to reproduce the dense MoE block's output."),
+    click.option("--router-kd-lr", type=float, help="Router KD learning rate (default 5e-5, the paper's)."),
+    click.option("--router-kd-batch-size", type=int, help="Router KD sequences per step (default 2)."),
+    click.option("--router-kd-samples", type=int, help="Router-calibration sequences, held apart from planning (default 64)."),
+    click.option("--router-kd-top-k", type=int, help="Teacher log-probs cached per token (default 64, plus the tail mass)."),
+    click.option("--router-kd-temperature", type=float, help="KD temperature tau (default 1)."),
+    click.option("--router-kd-seed", type=int, help="Seed for router-calibration tokens and batch order (default --seed)."),
+    click.option("--router-kd-local-steps", type=int, help="Layer-local steps per MoE layer (default 200)."),
+    click.option("--router-kd-local-lr", type=float, help="Layer-local learning rate (default 1e-3)."),
+])
 
 
 def describe_report(report: dict) -> str:
