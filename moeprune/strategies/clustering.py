@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -123,6 +123,25 @@ def average_linkage_clusters(distance: torch.Tensor, n_clusters: int) -> list[li
     return [sorted(np.flatnonzero(labels == c).tolist()) for c in np.unique(labels)]
 
 
+def clusters_per_group(
+    index: int, num_experts: int, n_group: int, ratio: float, protected: set[int] | list[int],
+    freq: torch.Tensor, cluster_free: Callable[[list[int], int], list[list[int]]],
+) -> list[list[int]]:
+    """One layer's clusters: in each routing group keep E_g - floor(E_g * ratio) clusters, protected
+    (super) experts as singletons and `cluster_free(free, n)` cutting the rest into n clusters
+    (positions into `free`); each cluster lists its most frequent member first."""
+    clusters: list[list[int]] = []
+    for members in group_ranges(num_experts, n_group):
+        n = len(members) - math.floor(len(members) * ratio)
+        fixed = [j for j in members if j in protected]
+        free = [j for j in members if j not in fixed]
+        if n - len(fixed) < 1 and free:
+            raise PlanError(f"layer {index}: {len(fixed)} protected super experts leave no cluster for the rest")
+        local = cluster_free(free, n - len(fixed)) if free else []
+        clusters += [[j] for j in fixed] + [_representative_first([free[i] for i in c], freq) for c in local]
+    return clusters
+
+
 @register_strategy(
     "hc-smoe", "merge experts clustered by mean output (hierarchical, average linkage)",
     dense_tokens=HC_SMOE_DENSE_TOKENS,
@@ -138,16 +157,10 @@ def hc_smoe(
     layers = {}
     for index, ls in sorted(stats.layers.items()):
         dist, freq = output_distance(ls), ls.count
-        clusters: list[list[int]] = []
-        for members in group_ranges(ls.num_experts, n_group):
-            n = len(members) - math.floor(len(members) * ratio)
-            fixed = [j for j in members if j in protected[index]]
-            free = [j for j in members if j not in fixed]
-            if n - len(fixed) < 1 and free:
-                raise PlanError(f"layer {index}: {len(fixed)} protected super experts leave no cluster for the rest")
-            sub = dist[free][:, free]
-            local = average_linkage_clusters(sub, n - len(fixed)) if free else []
-            clusters += [[j] for j in fixed] + [_representative_first([free[i] for i in c], freq) for c in local]
+        clusters = clusters_per_group(
+            index, ls.num_experts, n_group, ratio, protected[index], freq,
+            lambda free, n: average_linkage_clusters(dist[free][:, free], n),
+        )
         layers[index] = layer_plan_from_clusters(index, ls.num_experts, clusters, freq, [float(x) for x in freq])
     params = {"ratio": ratio, "protect_super": protect_super, **_merge_params(align, router)}
     with_merge_options(layers, align, router)

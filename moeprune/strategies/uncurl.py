@@ -24,7 +24,7 @@ import torch
 from moeprune.calibration.stats import ExpertStats
 from moeprune.plan import Plan, PlanError
 from moeprune.strategies.clustering import (
-    _check_budget, _merge_params, _protected, _representative_first, group_ranges, layer_plan_from_clusters,
+    _check_budget, _merge_params, _protected, clusters_per_group, group_ranges, layer_plan_from_clusters, with_merge_options,
 )
 from moeprune.strategies.registry import register_strategy
 from moeprune.strategies.selection import check_ratio, routing_of
@@ -66,20 +66,22 @@ def uncurl(
     layers, found = {}, {}
     for index, ls in sorted(stats.layers.items()):
         affinity, freq = router_logit_similarity(ls), ls.count
-        clusters: list[list[int]] = []
-        for members in group_ranges(ls.num_experts, n_group):
-            n = len(members) - math.floor(len(members) * ratio)
-            fixed = [j for j in members if j in protected[index]]
-            free = [j for j in members if j not in fixed]
-            if free and n - len(fixed) < 1:
-                raise PlanError(f"layer {index}: {len(fixed)} protected super experts leave no cluster for the rest")
-            local = spectral_clusters(affinity[free][:, free], n - len(fixed), seed) if free else []
-            if len(local) != n - len(fixed):
+
+        def cut(free: list[int], n: int, index: int = index, affinity: torch.Tensor = affinity) -> list[list[int]]:
+            local = spectral_clusters(affinity[free][:, free], n, seed)
+            if len(local) != n:
                 raise PlanError(f"layer {index}: spectral clustering returned {len(local)} clusters, expected "
-                                f"{n - len(fixed)}; lower the ratio or use m-smoe")
-            clusters += [[j] for j in fixed] + [_representative_first([free[i] for i in c], freq) for c in local]
+                                f"{n}; lower the ratio or use m-smoe")
+            return local
+
+        clusters = clusters_per_group(index, ls.num_experts, n_group, ratio, protected[index], freq, cut)
+        expected = sum(len(m) - math.floor(len(m) * ratio) for m in group_ranges(ls.num_experts, n_group))
+        if len(clusters) != expected:  # protected super experts fill a whole routing group
+            raise PlanError(f"layer {index}: {len(clusters)} clusters instead of {expected} (protected experts "
+                            "fill a routing group); lower the ratio or set protect_super=False")
         found[str(index)] = sorted(sorted(c) for c in clusters)
         layers[index] = layer_plan_from_clusters(index, ls.num_experts, clusters, freq, [float(x) for x in freq])
     params = {"ratio": ratio, "protect_super": protect_super, "seed": seed, "clusters": found,
               "affinity": "(cos + 1) / 2 of router logits", **_merge_params(align, router)}
+    with_merge_options(layers, align, router)
     return Plan(strategy="uncurl", params=params, layers=layers, top_k=top_k, routing=routing)
