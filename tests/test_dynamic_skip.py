@@ -142,3 +142,16 @@ def test_skipping_composes_with_novices_and_reloads(tmp_path):
     assert skip_counts(model)["skipped"] > 0 and not torch.allclose(skipping, novice_only)
     reloaded = load_pruned(save_pruned(model, tmp_path / "mone-skip"))
     assert torch.allclose(_logits(reloaded, ids), skipping, atol=1e-5)
+
+
+def test_calibrating_a_skipping_model_keeps_its_skip_wrapper():
+    """The observer's experts patch is undone by restoring what it replaced, not by deleting the
+    instance forward (which removed dynamic skipping from the model)."""
+    from moeprune.calibration.observer import calibrate
+
+    model = tiny_model("qwen3_moe")
+    install_dynamic_skip(model, {layer.layer: 0.5 for layer in find_moe_layers(model)}, True)
+    before = {layer.layer: layer.experts.__dict__["forward"] for layer in find_moe_layers(model)}
+    ids = random_batch(model.config.vocab_size, batch=2, seq_len=8, seed=0)
+    calibrate(model, ids, batch_size=2, progress=False)
+    assert {layer.layer: layer.experts.__dict__.get("forward") for layer in find_moe_layers(model)} == before

@@ -82,10 +82,13 @@ def patch_forward(experts: nn.Module, sink: RoutedSink | None) -> Callable[[], N
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return routed_forward(experts, hidden_states, top_k_index, top_k_weights, sink)
 
+    previous = experts.__dict__.get("forward")  # a wrapper installed before (novices, dynamic skip)
     experts.forward = forward  # instance attribute shadows the class forward
 
-    def undo() -> None:
-        if "forward" in experts.__dict__:
+    def undo() -> None:  # restore exactly what was replaced, never drop another owner's wrapper
+        if previous is not None:
+            experts.forward = previous
+        elif "forward" in experts.__dict__:
             del experts.__dict__["forward"]
 
     return undo
