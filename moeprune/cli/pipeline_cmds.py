@@ -89,7 +89,7 @@ def calibrate_command(model, calibration, samples, seq_len, seed, batch_size, de
 
 
 @click.command()
-@click.argument("stats_path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("stats_path")
 @_strategy_options
 @click.option("--model", "model_path", help="Checkpoint, for strategies that read expert weights.")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Plan file (.json).")
@@ -97,10 +97,18 @@ def calibrate_command(model, calibration, samples, seq_len, seed, batch_size, de
 @load_options()
 @user_errors
 def plan_command(stats_path, strategy, ratio, budget, protect_super, model_path, output, overwrite, load_overrides) -> None:
-    """Decide which experts to keep, from saved statistics."""
+    """Decide which experts to keep, from saved statistics (STATS_PATH), or from a checkpoint's
+    expert weights alone for calibration-free strategies (`moeprune plan MODEL --strategy aimer`)."""
     strategy = strategy or "reap"
     spec = get_strategy(strategy)
     params = spec.common_params(budget or "layer", protect_super)  # checked before any model is loaded
+    if not spec.needs_calibration and not Path(stats_path).is_file():  # aimer: MODEL, streamed expert weights only
+        from moeprune.cli.plan_free import plan_data_free
+
+        plan_data_free(model_path or stats_path, strategy, ratio, params, output, overwrite, load_overrides["dtype"])
+        return
+    if not Path(stats_path).is_file():
+        raise click.UsageError(f"statistics file {stats_path} not found (run `moeprune calibrate` first)")
     if spec.needs_weights and not model_path:
         raise click.UsageError(f"strategy {strategy} reads expert weights: pass --model CHECKPOINT")
     from moeprune.io.output_policy import check_output

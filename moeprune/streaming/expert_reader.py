@@ -57,3 +57,18 @@ class LazyExpertWeights:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def plan_from_weights(path: str | Path, strategy: str, ratio: float, dtype: torch.dtype | None = None, **params):
+    """Plan of a calibration-free strategy (AIMER) for checkpoint directory `path`, reading only its
+    routed-expert weights (plus the tiny router tensors the plan's fingerprint hashes)."""
+    from moeprune.fingerprint import checkpoint_fingerprint
+    from moeprune.io.loading import resolve_dtype
+    from moeprune.strategies import get_strategy, plan
+
+    if get_strategy(strategy).needs_calibration:
+        raise ValueError(f"strategy {strategy} needs calibration statistics; pass a statistics file")
+    with LazyExpertWeights(path, resolve_dtype(dtype, path)) as weights:
+        result = plan(None, strategy, ratio, model=weights, **params)
+    result.model = checkpoint_fingerprint(path)  # binds the plan to this checkpoint, as plans from statistics are
+    return result.validate()
