@@ -48,13 +48,27 @@ START, END = "<!-- bench_quality:start -->", "<!-- bench_quality:end -->"
 MODELS = ["builtin:tiny-moe", "builtin:tiny-moe-64"]
 SETS = {"code": "code", "prose": "prose", "3p code": "third-party-code", "3p prose": "third-party-prose"}
 # Strategies that need inputs the benchmark does not have (or special arguments): name -> why.
-SKIP: dict[str, str] = {"premoe": "plans from task patterns (--patterns/--query)"}
+SKIP: dict[str, str] = {"unified": "its defaults (b, alpha, beta) = (1, 0, 1) are MAN: identical plans"}
 STRATEGY_PARAMS: dict[str, dict[str, Any]] = {}  # extra plan() params per strategy, if any needs them
-# Extra rows: PruneRecipe fields (model, ratio and calibration seed are filled in per run).
+KD = {"steps": 100, "lr": 1e-3}  # global Router KD as measured in scripts/bench_router_kd.py
+# Extra rows: PruneRecipe fields (model and calibration seed are filled in per run). "pick": "auto"
+# runs `auto` restricted to the strategy the row named "auto" picked for that seed (same planning /
+# validation split, so the same plan) instead of comparing every candidate again; "group_ratio" files a
+# row under another ratio (slimming half of the channels removes as many weights as dropping half of
+# the experts); "tasks" scores the tasks whatever --task-ratios says.
 RECIPE_ROWS: list[dict[str, Any]] = [
-    {"name": "reap + router-kd", "strategy": "reap", "ratio": 0.5, "router_kd": {"steps": 100, "lr": 1e-3}},
-    {"name": "reap 25% + sparsegpt 50%", "strategy": "reap", "ratio": 0.25,
+    {"name": "auto", "strategy": "auto", "ratio": 0.5},
+    {"name": "auto + router-kd", "pick": "auto", "strategy": "auto", "ratio": 0.5, "router_kd": KD},
+    {"name": "reap + sparsegpt 50%", "strategy": "reap", "ratio": 0.5,
      "sparsify": {"method": "sparsegpt", "sparsity": 0.5}},
+    {"name": "auto + sparsegpt 50% + router-kd", "pick": "auto", "strategy": "auto", "ratio": 0.5,
+     "sparsify": {"method": "sparsegpt", "sparsity": 0.5}, "router_kd": KD},
+    {"name": "premoe, code-task calibration", "strategy": "premoe", "ratio": 0.5,
+     "calibration": {"source": "builtin:code"}},
+    {"name": "camera slim 50% of channels", "strategy": "frequency", "ratio": 0.0,
+     "slim": {"ratio": 0.5, "method": "camera"}, "group_ratio": 0.5},
+    {"name": "dynamic skip (all experts kept)", "strategy": "frequency", "ratio": 0.0, "dynamic_skip": True,
+     "tasks": True},
 ]
 RANK_METRIC = "3p code ppl"
 
@@ -72,7 +86,7 @@ class Reference:
         self.items = {name: load_task(name)[:task_items] for name in TASKS} if task_items else {}
         self.tok = tok
 
-    def measure(self, model) -> dict[str, float]:
+    def measure(self, model, tasks: bool = True) -> dict[str, float]:
         row = {f"{name} ppl": perplexity_from_ids(model, ids, self.seq_len, progress=False) for name, ids in self.data.items()}
         kl = agree = n = 0.0
         with torch.no_grad():
@@ -80,7 +94,7 @@ class Reference:
                 k, a, p = kl_and_agreement(ref, _logits(model, batch)[:, :-1])
                 kl, agree, n = kl + k, agree + a, n + p
         row.update({"top-1 agree": agree / n, "KL": max(0.0, kl / n)})
-        for name, items in self.items.items():
+        for name, items in (self.items.items() if tasks else ()):
             row[f"{name.removeprefix('moeprune_')} acc"] = score_items(model, self.tok, items)["acc_mutual_info"]
         return row
 
@@ -122,7 +136,7 @@ def run_model(spec: str, args, out: list[dict[str, Any]], dump) -> None:
                 model = copy.deepcopy(dense)
                 try:
                     apply(model, plan(stats, name, ratio, model=model, **STRATEGY_PARAMS.get(name, {})))
-                    row.update(ref.measure(model))
+                    row.update(ref.measure(model, tasks=ratio in args.task_ratios and main))
                 except Exception as err:  # a strategy that cannot run here is reported, not fatal
                     row["error"] = f"{type(err).__name__}: {err}"[:200]
                 row["seconds"] = time.time() - t0
@@ -139,16 +153,27 @@ def run_recipes(spec, dense, tok, seed, ref, base, args, out, dump) -> None:
     from moeprune.api import prune
     from moeprune.config import PruneRecipe
 
+    picked: dict[str, str] = {}  # row name -> the strategy `auto` selected in it (this seed)
     for entry in RECIPE_ROWS:
-        fields = {k: v for k, v in entry.items() if k != "name"}
+        if args.recipe_rows and entry["name"] not in args.recipe_rows:
+            continue
+        fields = {k: v for k, v in entry.items() if k not in ("name", "pick", "group_ratio", "tasks")}
         t0 = time.time()
-        row = {**base, "strategy": entry["name"], "ratio": fields.get("ratio", 0.5), "seed": seed,
-               "calib_tokens": args.samples * args.seq_len}
+        ratio = fields.get("ratio", 0.5)
+        row = {**base, "strategy": entry["name"], "ratio": ratio, "seed": seed, "calib_tokens": args.samples * args.seq_len}
         try:
-            recipe = PruneRecipe(model=spec, **fields, calibration={"samples": args.samples, "seq_len": args.seq_len,
-                                                                   "seed": seed})
+            if "pick" in entry:
+                if entry["pick"] not in picked:
+                    raise RuntimeError(f"row {entry['pick']!r} did not run or picked nothing for this seed")
+                fields["auto"] = {"candidates": [picked[entry["pick"]]]}
+                row["picked"] = picked[entry["pick"]]
+            calibration = {"samples": args.samples, "seq_len": args.seq_len, "seed": seed, **fields.pop("calibration", {})}
+            recipe = PruneRecipe(model=spec, **fields, calibration=calibration)
             result = prune(recipe, model=copy.deepcopy(dense), tokenizer=tok, progress=False)
-            row.update(ref.measure(result.model))
+            if result.report is not None:
+                picked[entry["name"]] = row["picked"] = result.report["selected"]["strategy"]
+            row["ratio"] = entry.get("group_ratio", ratio)
+            row.update(ref.measure(result.model, tasks=entry.get("tasks", row["ratio"] in args.task_ratios)))
         except Exception as err:
             row["error"] = f"{type(err).__name__}: {err}"[:200]
         row["seconds"] = time.time() - t0
@@ -291,7 +316,10 @@ def main() -> None:
     ap.add_argument("--agree-tokens", type=int, default=1024,
                     help="tokens per held-out set for agreement/KL (dense log-probs cached in float32: 32 KB per token)")
     ap.add_argument("--task-items", type=int, default=500, help="items per task (0: no tasks)")
+    ap.add_argument("--task-ratios", nargs="*", type=float, default=[0.5],
+                    help="ratios at which pruned models are scored on the tasks (dense always is)")
     ap.add_argument("--no-recipes", dest="recipes", action="store_false")
+    ap.add_argument("--recipe-rows", nargs="*", default=None, help="only these RECIPE_ROWS names (default: all)")
     ap.add_argument("--quick", action="store_true", help="first model, first seed, ratio 0.5, small eval, no sweep")
     ap.add_argument("--json", type=Path, help="per-run rows (written as they come)")
     ap.add_argument("--render", nargs="*", type=Path, help="only render these JSON files (no runs)")
