@@ -30,15 +30,30 @@ class NonFiniteError(ValueError):
 _CHUNK = 1 << 24  # elements per isfinite pass: temporaries stay ~tens of MB, not a layer's size
 
 
+_MINMAX_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
 def all_finite(t: torch.Tensor) -> bool:
-    """`torch.isfinite(t).all()` in chunks, so checking a fused [E, 2I, H] tensor allocates no
-    tensor-sized mask (a whole-tensor check of a 128-expert bf16 layer cost ~1.9 GB of peak RSS)."""
-    return all(bool(torch.isfinite(c).all()) for c in t.detach().reshape(-1).split(_CHUNK))
+    """`torch.isfinite(t).all()` without a tensor-sized mask: the minimum and maximum of `t` (one
+    pass, no temporary; NaN propagates through both, an Inf is an extreme) are finite exactly when
+    every element is. ~40x faster than `isfinite` on bf16 CPU tensors, where `isfinite` ran at about
+    disk speed (~300 MB/s) and was the largest cost of a streamed prune. Other dtypes (float8):
+    `isfinite` in chunks, so checking a fused [E, 2I, H] tensor allocates no tensor-sized mask."""
+    t = t.detach()
+    if t.numel() == 0:
+        return True
+    if t.dtype in _MINMAX_DTYPES:
+        low, high = torch.aminmax(t)
+        return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+    return all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(_CHUNK))
 
 
 def nonfinite_rows(t: torch.Tensor) -> list[int]:
-    """Indices along dim 0 of `t` holding NaN/Inf, checked a few rows at a time."""
+    """Indices along dim 0 of `t` holding NaN/Inf, checked a few rows at a time (after one fast
+    whole-tensor check, so a finite tensor costs one min/max pass)."""
     t = t.detach()
+    if all_finite(t):
+        return []
     step = max(1, _CHUNK // max(1, t[0].numel())) if t.shape[0] else 1
     return [start + int(j) for start in range(0, t.shape[0], step)
             for j in (~torch.isfinite(t[start:start + step])).reshape(min(step, t.shape[0] - start), -1).any(1).nonzero().flatten()]

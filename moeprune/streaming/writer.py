@@ -70,9 +70,9 @@ class ShardedWriter:
             raise ValueError(f"tensor {name} written twice")
         if tensor.dtype not in _DTYPES:
             raise ValueError(f"{name}: dtype {tensor.dtype} cannot be written to safetensors")
-        if tensor.is_floating_point() and tensor.dtype.itemsize > 1 and not bool(torch.isfinite(tensor).all()):
-            from moeprune.nonfinite import FIX, NonFiniteError
+        from moeprune.nonfinite import FIX, NonFiniteError, all_finite
 
+        if tensor.is_floating_point() and tensor.dtype.itemsize > 1 and not all_finite(tensor):
             raise NonFiniteError(f"tensor {name} holds NaN/Inf; refusing to write it ({FIX}; --allow-nonfinite needs the in-memory path)")
         self._names.add(name)
         size = tensor.numel() * tensor.element_size()
