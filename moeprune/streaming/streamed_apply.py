@@ -75,8 +75,10 @@ def _per_expert_tensors(model: nn.Module, layer: MoELayer) -> dict[str, int]:
 
 
 class _Job:
-    def __init__(self, model: nn.Module, keymap: KeyMap, ckpt: LazyCheckpoint, writer: ShardedWriter, uniform: bool) -> None:
+    def __init__(self, model: nn.Module, keymap: KeyMap, ckpt: LazyCheckpoint, writer: ShardedWriter, uniform: bool,
+                 edits: list = ()) -> None:
         self.model, self.keymap, self.ckpt, self.writer, self.uniform = model, keymap, ckpt, writer, uniform
+        self.edits = list(edits)  # output_edits.OutputEdits: per-layer edits after the plan's surgery
         self.routes = {"selection": 0, "layer": 0}
         self.novices: dict[str, torch.Tensor] = {}  # MoNE extension tensors, written next to the shards
 
@@ -114,20 +116,24 @@ class _Job:
         self.routes["selection"] += 1
         return True
 
-    def layer(self, unit: str, keys: list[str], layer: MoELayer, lp: LayerPlan, params: dict) -> None:
+    def layer(self, unit: str, keys: list[str], layer: MoELayer, lp: LayerPlan | None, params: dict) -> None:
         """Layer route: load the unit, run the in-memory surgery on it, save it back."""
         from transformers.core_model_loading import revert_weight_conversion
 
         state = self.keymap.load_state(self.ckpt, keys)
         for name, tensor in state.items():
             set_tensor(self.model, name, tensor)
-        _prepare_layer(self.model, layer, lp, params)
-        if lp.novices:  # experts sliced by the novice install; the router keeps E rows (apply.novice)
-            from moeprune.apply.novice import novice_tensors
+        if lp is not None:  # None: a layer the plan leaves alone that an edit changes (e.g. slimming)
+            _prepare_layer(self.model, layer, lp, params)
+            if lp.novices:  # experts sliced by the novice install; the router keeps E rows (apply.novice)
+                from moeprune.apply.novice import novice_tensors
 
-            self.novices.update(novice_tensors(layer, lp.num_experts))
-        else:
-            slice_layer(layer, lp.kept)
+                self.novices.update(novice_tensors(layer, lp.num_experts))
+            else:
+                slice_layer(layer, lp.kept)
+        for edit in self.edits:
+            if layer.layer in edit.layers:
+                edit.edit_layer(self.model, layer)
         module = self.model.get_submodule(unit)
         edited = {f"{unit}.{n}": t for n, t in module.state_dict().items()}
         meta = [n for n, t in edited.items() if t.device.type == "meta"]
@@ -150,8 +156,10 @@ def streamed_apply(
     progress: bool = True,
     selection_route: bool = True,
     force: bool = False,
+    edits: list | None = None,
 ) -> Path:
-    """Write `input_dir` pruned by `plan` to `output_dir` without loading the model."""
+    """Write `input_dir` pruned by `plan` to `output_dir` without loading the model; `edits`
+    (`output_edits.OutputEdits`) change layers, config and the finished output before publishing."""
     from moeprune.fingerprint import checkpoint_fingerprint
 
     input_dir = Path(input_dir)
@@ -165,7 +173,11 @@ def streamed_apply(
     layers = {layer.layer: layer for layer in find_moe_layers(model)}
     check_plan(layers, plan, checkpoint_fingerprint(input_dir), force=force)
     counts = {i: (len(plan.layers[i].kept) if i in plan.layers else layer.num_experts) for i, layer in layers.items()}
-    uniform = len(set(counts.values())) == 1
+    edits = list(edits or ())
+    for edit in edits:
+        counts = edit.final_counts(counts)
+    uniform = len(set(counts.values())) == 1 and all(edit.hub_layout() for edit in edits)
+    edited = {i for edit in edits for i in edit.layers}
     prefix, decoder = decoder_layers(model)
     units = [f"{prefix}.{i}" for i in range(len(decoder))]
     by_unit: dict[str, list[str]] = {u: keymap.keys_under(u) for u in units}
@@ -179,18 +191,21 @@ def streamed_apply(
     started = time.perf_counter()
     try:
         writer = ShardedWriter(tmp, max_shard_size)
-        job = _Job(model, keymap, ckpt, writer, uniform)
+        job = _Job(model, keymap, ckpt, writer, uniform, edits)
         job.copy_unit(rest)
         for unit in tqdm(units, desc="writing layers", unit="layer", disable=not progress):
             layer = moe_of_unit.get(unit)
             lp = plan.layers.get(layer.layer) if layer is not None else None
-            if lp is None:
+            if lp is None and (layer is None or layer.layer not in edited):
                 job.copy_unit(by_unit[unit])
                 continue
-            simple = uniform and selection_route and not lp.edits_weights and not lp.novices
+            simple = uniform and selection_route and lp is not None and not lp.edits_weights and not lp.novices \
+                and layer.layer not in edited
             if not (simple and job.selection(by_unit[unit], layer, lp)):
                 job.layer(unit, by_unit[unit], layer, lp, plan.params)
         weight_map = writer.close()
+        for edit in edits:
+            edit.configure(model)
         if job.novices:
             from moeprune.apply.novice import write_novice_file
 
@@ -200,6 +215,8 @@ def streamed_apply(
                   "uniform": uniform, "experts_per_layer": {str(i): n for i, n in sorted(counts.items())},
                   "routes": job.routes, "bytes_read": ckpt.bytes_read, "seconds": round(time.perf_counter() - started, 3)}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1))
+        for edit in edits:
+            edit.finish(tmp)
         publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
