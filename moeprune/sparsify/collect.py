@@ -9,6 +9,9 @@ on the compressed model, layer by layer (the "catcher" loop of Wanda/SparseGPT):
 2. for each decoder layer: run it over all cached batches with collectors installed (the caller
    prunes it from what they saw), then run it again and feed its already-pruned outputs onward.
 
+Both steps are `moeprune.engine.runner`'s (`capture_calls`, `LayerRunner`), the loop the streamed
+paths use too; here every layer is already resident.
+
 Expert statistics come from ROUTED tokens only, through `capture.patch_forward`: gate/up inputs are
 the hidden rows of the tokens routed to an expert, down inputs its activations a. Per expert and
 linear: sum x^2 per input channel (Wanda), sum g^2 x^2 (MoE-Pruner), and optionally the Hessian
@@ -23,10 +26,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from moeprune.adapters import MoELayer, find_moe_layers
 from moeprune.calibration.capture import patch_forward
+from moeprune.engine.runner import LayerRunner, ListStore, as_batches, capture_calls, decoder_layers
 
 logger = logging.getLogger(__name__)
 
@@ -134,62 +137,6 @@ class LayerCollector:
         return hook
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, ModuleList) of the decoder layers holding the MoE blocks."""
-    block = find_moe_layers(model)[0].block_name
-    parts = block.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        parent = ".".join(parts[:cut])
-        module = model.get_submodule(parent) if parent else model
-        if isinstance(module, nn.ModuleList) and parts[cut].isdigit():
-            return parent, module
-    raise ValueError(f"cannot find the decoder layer list above {block!r}")
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def capture_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]
-) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict[str, Any]]]]]:
-    """First-layer hidden states per batch, and every layer's other call arguments per batch."""
-    hidden: list[torch.Tensor] = []
-    calls: list[list[tuple[tuple, dict[str, Any]]]] = [[] for _ in layers]
-    undo: list[Callable[[], None]] = []
-
-    def make_hook(index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            rest = dict(kwargs)
-            h = args[0] if args else rest.pop("hidden_states")
-            if index == 0:
-                hidden.append(h.detach().clone())
-            calls[index].append((tuple(args[1:]), rest))
-            return None
-
-        return hook
-
-    def identity(hidden_states, *args, **kwargs):
-        return hidden_states
-
-    for index, layer in enumerate(layers):
-        undo.append(layer.register_forward_pre_hook(make_hook(index), with_kwargs=True).remove)
-        layer.forward = identity
-        undo.append(lambda layer=layer: layer.__dict__.pop("forward", None))
-    try:
-        for ids in batches:
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for fn in undo:
-            fn()
-    return hidden, calls
-
-
-def _layer_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @torch.no_grad()
 def sequential_pass(
     model: nn.Module,
@@ -199,25 +146,23 @@ def sequential_pass(
     progress: bool = True,
     desc: str = "sparsify",
 ) -> None:
-    """Call `visit(index, decoder_layer, run_all)` for every decoder layer in order.
+    """Call `visit(index, decoder_layer, run_all)` for every decoder layer in order (`LayerRunner`).
 
     `run_all()` runs the layer over every cached calibration batch (with whatever collectors the
     visitor installed); after `visit` returns, the layer's outputs (as the visitor left the layer,
     i.e. pruned) become the next layer's inputs.
     """
     device = next(model.parameters()).device
-    batches = [ids[i : i + batch_size].to(device) for i in range(0, ids.shape[0], batch_size)]
+    batches = as_batches(ids, batch_size)
     _, layers = decoder_layers(model)
     was_training = model.training
     model.eval()
-    hidden, calls = capture_layer_inputs(model, layers, batches)
-    for index, layer in enumerate(tqdm(layers, desc=desc, disable=not progress, unit="layer")):
-        def run_all(layer: nn.Module = layer, index: int = index) -> None:
-            for h, (args, kwargs) in zip(hidden, calls[index]):
-                layer(h, *args, **kwargs)
-
-        visit(index, layer, run_all)
-        hidden = [_layer_output(layer(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, calls[index])]
+    hidden, calls = [], []
+    for batch in batches:
+        first, batch_calls = capture_calls(model, layers, batch, device)
+        hidden.append(first)
+        calls.append(batch_calls)
+    LayerRunner(layers, calls, device).run(ListStore(hidden), visit, progress=progress, desc=desc)
     model.train(was_training)
 
 

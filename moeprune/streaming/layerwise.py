@@ -13,27 +13,26 @@ layer is sent back to meta, and its outputs become the next layer's inputs.
 Hidden states live in an `ActivationStore`: in memory up to a budget, spilled to disk beyond it.
 With a work directory, each finished layer is committed (`resume.WorkDir`) so a killed run
 resumes from the next layer. Results equal `calibrate` on the loaded model: the same modules run
-the same batches in the same order.
+the same batches in the same order. The capture and the layer loop are `moeprune.engine.runner`'s,
+shared with sparsify's sequential pass and the streamed sparsify / local router KD.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from moeprune.adapters import find_moe_layers
 from moeprune.calibration.observer import Observer
 from moeprune.calibration.stats import ExpertStats
 from moeprune.nonfinite import check_loaded
+from moeprune.engine.runner import LayerRunner, as_batches, capture_calls, decoder_layers
 from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
 from moeprune.streaming.resume import WorkDir, load_activation, save_activation, tensor_digest
 from moeprune.streaming.writer import parse_size
@@ -82,10 +81,6 @@ class ActivationStore:
         return store
 
 
-class _Captured(Exception):
-    """Raised by the last layer's recorder to stop a capture forward early."""
-
-
 def build_skeleton(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model of checkpoint `path` with every parameter on the meta device."""
     from accelerate import init_empty_weights
@@ -100,60 +95,13 @@ def build_skeleton(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.M
     return model.eval()
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(module name, ModuleList) of the decoder layers holding the MoE blocks."""
-    block = find_moe_layers(model)[0].block_name
-    match = re.match(r"^(.*layers)\.\d+(\.|$)", block)
-    if not match:
-        raise ValueError(f"cannot find the decoder layer list above MoE block {block}")
-    layers = model.get_submodule(match.group(1))
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{match.group(1)} is not a ModuleList")
-    return match.group(1), layers
-
-
 def _module_name(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
 
-def _as_batches(data: torch.Tensor | Iterable[dict[str, torch.Tensor]], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    if isinstance(data, torch.Tensor):
-        if data.dim() != 2:
-            raise ValueError(f"calibration ids must be [samples, seq_len], got shape {tuple(data.shape)}")
-        return [{"input_ids": data[i : i + batch_size]} for i in range(0, data.shape[0], batch_size)]
-    return list(data)
-
-
 def _capture_inputs(model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], device: torch.device):
-    """Layer-0 hidden states and every layer's other call arguments for one batch."""
-    calls: list[tuple[tuple, dict]] = []
-    first: list[torch.Tensor] = []
-
-    def recorder(index: int):
-        def forward(*args: Any, **kwargs: Any):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            if index == 0:
-                first.append(hidden)
-            calls.append((tuple(args[1:]), kwargs))
-            if index == len(layers) - 1:
-                raise _Captured
-            return hidden
-
-        return forward
-
-    for index, layer in enumerate(layers):
-        layer.forward = recorder(index)
-    try:
-        mask = batch.get("attention_mask")
-        model(input_ids=batch["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device), use_cache=False)
-    except _Captured:
-        pass
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
-    if len(calls) != len(layers):
-        raise RuntimeError(f"captured {len(calls)} decoder layer calls, expected {len(layers)}")
-    return first[0], calls
+    """Layer-0 hidden states and every layer's other call arguments for one batch (`runner.capture_calls`)."""
+    return capture_calls(model, layers, batch, device)
 
 
 def _fingerprint(path: Path, batches: list[dict], batch_size: int, dense_tokens: int, dtype: torch.dtype, extra: dict) -> dict:
@@ -199,7 +147,7 @@ def streamed_calibrate(
 
     path, device = Path(path), torch.device(device)
     dtype = resolve_dtype(dtype, path)
-    batches = _as_batches(data, batch_size)
+    batches = as_batches(data, batch_size)
     model = build_skeleton(path, dtype)
     _resident_to_device(model, device)  # rotary tables and other buffers built outside the shards
     ckpt = LazyCheckpoint(path)
@@ -239,36 +187,32 @@ def streamed_calibrate(
         release(model, embed_names)
         if done >= 0:
             current = ActivationStore.from_directory(work.acts_dir(done), len(batches), budget)
-        bar = tqdm(range(done + 1, len(layers)), desc="calibrating layers", unit="layer", disable=not progress)
-        load_s = forward_s = 0.0
-        for index in bar:
-            tick = time.perf_counter()
-            names = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
+
+        def load(index: int) -> None:
+            names[:] = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
             check_loaded(model, names)  # NaN/Inf in the layer just read: one line naming tensor and expert
             _to_device(model, names, device)
-            load_s += time.perf_counter() - tick
+
+        def new_store(index: int) -> ActivationStore:
             out_dir = work.partial_acts_dir(index) if work is not None else Path(scratch.name) / f"out{index % 2}"
             out_dir.mkdir(parents=True, exist_ok=True)
             for f in out_dir.glob("*.safetensors"):
                 f.unlink()
-            outputs = ActivationStore(out_dir, budget)
-            for b, batch in enumerate(batches):
-                args, kwargs = calls[b][index]
-                mask = batch.get("attention_mask")
-                observer.set_mask(mask)
-                hidden = current.get(b).to(device)  # activations wait in host memory (or on disk)
-                tick = time.perf_counter()
-                out = layers[index](hidden, *args, **kwargs)
-                forward_s += time.perf_counter() - tick
-                outputs.put(b, _to_host(out[0] if isinstance(out, tuple) else out))
-            release(model, names)
+            return ActivationStore(out_dir, budget)
+
+        def after(index: int, outputs: ActivationStore) -> None:
             if work is not None:
                 outputs.persist()
-                work.commit(index, observer.stats.get(index), out_dir)
+                work.commit(index, observer.stats.get(index), outputs.directory)
                 outputs.directory = work.acts_dir(index)
-            current = outputs
             if on_layer_done is not None:
                 on_layer_done(index)
+
+        names: list[str] = []
+        runner = LayerRunner(layers, calls, device, load=load, release=lambda index: release(model, names),
+                             before_batch=lambda b: observer.set_mask(batches[b].get("attention_mask")), host=True)
+        runner.run(current, start=done + 1, new_store=new_store, after=after, progress=progress, desc="calibrating layers")
+        load_s, forward_s = runner.seconds["load"], runner.seconds["forward"]
         if work is not None:
             shutil.rmtree(first_dir, ignore_errors=True)
     if scratch is not None:

@@ -4,8 +4,8 @@ The same windows and next-token NLL as `evaluation.perplexity.nll_from_ids` (non
 `seq_len` windows, summed cross-entropy in float32 logits), computed the way `streamed_calibrate`
 computes statistics: the model is a meta skeleton, the embeddings run every window up to the first
 decoder layer (recording each layer's call arguments), each decoder layer is read from the shards,
-runs all cached hidden states on `device` in the checkpoint's dtype and is freed, and the final
-norm and the LM head turn the last hidden states into logits. Nothing but one layer (plus the
+runs all cached hidden states on `device` in the checkpoint's dtype and is freed (the loop is
+`engine.runner.LayerRunner`), and the final norm and the LM head turn the last hidden states into logits. Nothing but one layer (plus the
 embeddings, norm and head) is resident; hidden states wait in host memory up to `memory_budget`
 and spill to disk beyond it. Outputs whose layers differ from their config (non-uniform plans,
 MoNE novices, slimmed widths) are refused: evaluate those in memory with `moeprune eval`.
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from moeprune.engine.runner import LayerRunner
 from moeprune.evaluation.perplexity import iter_windows
 from moeprune.streaming.layerwise import (
     ActivationStore, _capture_inputs, _module_name, _resident_to_device, _to_device, _to_host, build_skeleton,
@@ -85,19 +85,21 @@ def streamed_nll(
                 current.put(b, _to_host(hidden))
             if not tied:
                 release(model, names)
-            for index in tqdm(range(len(layers)), desc="evaluating layers", unit="layer", disable=not progress):
-                layer_names = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
+            layer_names: list[str] = []
+
+            def load(index: int) -> None:
+                layer_names[:] = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
                 _to_device(model, layer_names, device)
+
+            def new_store(index: int) -> ActivationStore:
                 outputs = ActivationStore(Path(scratch) / f"out{index % 2}", budget)
                 outputs.directory.mkdir(exist_ok=True)
                 for f in outputs.directory.glob("*.safetensors"):
                     f.unlink()
-                for b in range(len(windows)):
-                    args, kwargs = calls[b][index]
-                    out = layers[index](current.get(b).to(device), *args, **kwargs)
-                    outputs.put(b, _to_host(out[0] if isinstance(out, tuple) else out))
-                release(model, layer_names)
-                current = outputs
+                return outputs
+
+            runner = LayerRunner(layers, calls, device, load=load, release=lambda index: release(model, layer_names), host=True)
+            current = runner.run(current, new_store=new_store, progress=progress, desc="evaluating layers")
             norm = _final_norm(model)
             tail = materialise(model, keymap, ckpt, _module_name(model, norm), dtype)
             if not tied:
