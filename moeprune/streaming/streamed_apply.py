@@ -44,6 +44,7 @@ from moeprune.io.safetensors_io import INDEX_FILE
 from moeprune.plan import LayerPlan, Plan, PlanError
 from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, _expert_regex, release, set_tensor
 from moeprune.streaming.layerwise import build_skeleton, decoder_layers
+from moeprune.streaming.prefetch import Prefetcher
 from moeprune.streaming.writer import ShardedWriter
 
 logger = logging.getLogger(__name__)
@@ -156,6 +157,7 @@ def streamed_apply(
     progress: bool = True,
     selection_route: bool = True,
     force: bool = False,
+    prefetch: bool = True,  # read the next layer from disk in a background thread (streaming.prefetch; same bytes)
     edits: list | None = None,
 ) -> Path:
     """Write `input_dir` pruned by `plan` to `output_dir` without loading the model; `edits`
@@ -184,16 +186,20 @@ def streamed_apply(
     in_layers = {k for keys in by_unit.values() for k in keys}
     rest = [k for k in keymap.targets if k not in in_layers]
     moe_of_unit = {f"{prefix}.{i}": layer for i, layer in layers.items()}
+    reads = {u: _keys_read(keymap, by_unit[u], plan.layers.get(moe_of_unit[u].layer) if u in moe_of_unit else None,
+                           uniform and selection_route) for u in units}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out)
     tmp.mkdir()
     started = time.perf_counter()
+    ahead = Prefetcher(ckpt.shards, reads, enabled=prefetch)
     try:
         writer = ShardedWriter(tmp, max_shard_size)
         job = _Job(model, keymap, ckpt, writer, uniform, edits)
         job.copy_unit(rest)
         for unit in tqdm(units, desc="writing layers", unit="layer", disable=not progress):
+            ahead.ready(unit)  # this layer's bytes are read; the next layer's read starts in the background
             layer = moe_of_unit.get(unit)
             lp = plan.layers.get(layer.layer) if layer is not None else None
             if lp is None and (layer is None or layer.layer not in edited):
@@ -222,9 +228,20 @@ def streamed_apply(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        ahead.close()
         ckpt.close()
-    logger.info("wrote %s (%s)", out, job.routes)
+    logger.info("wrote %s (%s; read ahead %.2f GB, waited %.1fs for it)", out, job.routes, ahead.bytes_read / 1e9,
+                ahead.wait_seconds)
     return out
+
+
+def _keys_read(keymap: KeyMap, keys: list[str], lp: LayerPlan | None, selection: bool) -> list[str]:
+    """The checkpoint keys of a unit that its pass reads: all of them, or on the selection route
+    (`selection` and a plan that only keeps experts) those of no dropped expert (never read)."""
+    if lp is None or not selection or lp.edits_weights or lp.novices:
+        return keys
+    kept = set(lp.kept)
+    return [k for k in keys if keymap.targets[k].expert_index is None or keymap.targets[k].expert_index in kept]
 
 
 def _config_dtype(path: Path) -> torch.dtype:
