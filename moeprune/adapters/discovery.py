@@ -5,7 +5,8 @@ An MoE layer is found by its experts module: any module carrying the flags that
 is the sibling whose class the model declares in `_can_record_outputs["router_logits"]` (the
 recorder also says which output element holds the logits); failing that, a sibling named
 `gate`/`router` whose weight has one row per expert. Shared experts are siblings named
-`shared_expert(s)`; they are reported and never pruned.
+`shared_expert(s)`; they are reported and never pruned. Families whose experts transformers does not
+decorate are first shimmed onto that contract, or refused in one line (`shims.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from moeprune.adapters.layout import ExpertLayout, RoutingInfo, routing_info
+from moeprune.adapters.shims import install_shims, unsupported_reason
 
 SHARED_EXPERT_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
 SHARED_GATE_NAMES = ("shared_expert_gate",)
@@ -96,6 +98,7 @@ def _layer_index(name: str, fallback: int) -> int:
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every MoE layer of `model`, in depth order. Raises NotAnMoEModelError for dense models."""
+    install_shims(model)
     router_cls, logits_index = _router_recorder(model)
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -120,6 +123,8 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
                 shared=shared,
             )
         )
+    if not layers and (reason := unsupported_reason(model)) is not None:
+        raise NotAnMoEModelError(f"{type(model).__name__}: {reason}")
     if not layers:
         raise NotAnMoEModelError(
             f"{type(model).__name__} has no routed-expert layers (no fused experts module found): "

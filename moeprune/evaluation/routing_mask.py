@@ -9,6 +9,9 @@ Supported routers return ``(router_logits [T, E], top_k_weights [T, k], top_k_in
 route with softmax → top-k → optional renormalisation (``norm_topk_prob``): Qwen2/3-MoE, OLMoE,
 Mixtral-style routers in transformers 5.x. A forward hook on each router recomputes the selection
 with the dropped experts' logits set to -inf and *returns* the new tuple, replacing the router output.
+Llama4's router (marked `scoring_func = "sigmoid"` by the adapters' shim) returns
+``(scores [T, E], router_logits [T, E])``: top-k on the logits, sigmoid of the selected ones, 0
+elsewhere; its hook redoes that selection on the masked logits (`masked_sigmoid_scores`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,18 @@ def masked_routing(
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return masked, weights.to(logits.dtype), index
+
+
+def masked_sigmoid_scores(
+    logits: torch.Tensor, dropped: Sequence[int], top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama4 routing with ``dropped`` experts excluded; returns (scores, masked logits)."""
+    masked = logits.clone()
+    if len(dropped):
+        masked[:, list(dropped)] = float("-inf")
+    values, index = torch.topk(masked, top_k, dim=1)
+    scores = torch.full_like(masked, float("-inf")).scatter_(1, index, values)
+    return torch.sigmoid(scores.float()).to(scores.dtype), masked
 
 
 @contextlib.contextmanager
@@ -83,6 +98,8 @@ def mask_experts(model: nn.Module, dropped: Mapping[int, Sequence[int]]) -> Iter
 
 def _make_hook(experts: list[int], top_k: int, norm: bool):
     def hook(module: nn.Module, args: tuple, output: object) -> tuple[torch.Tensor, ...]:
+        if isinstance(output, tuple) and len(output) == 2 and getattr(module, "scoring_func", None) == "sigmoid":
+            return masked_sigmoid_scores(output[1], experts, top_k)
         if not (isinstance(output, tuple) and len(output) == 3):
             raise TypeError(
                 f"{type(module).__name__} does not return (logits, weights, index); "

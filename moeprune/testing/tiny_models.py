@@ -17,10 +17,12 @@ from transformers import (
     DeepseekV3Config,
     Glm4MoeConfig,
     GptOssConfig,
+    Llama4TextConfig,
     MixtralConfig,
     OlmoeConfig,
     Qwen2MoeConfig,
     Qwen3MoeConfig,
+    Qwen3NextConfig,
 )
 
 _COMMON = dict(
@@ -107,11 +109,36 @@ FAMILY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
 }
 
 
+def _qwen3_next() -> PretrainedConfig:  # hybrid attention: gated-delta-rule linear + full layers
+    return Qwen3NextConfig(
+        **_COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=48,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, linear_num_value_heads=4,
+        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+        layer_types=["linear_attention", "full_attention"],
+    )
+
+
+def _llama4_text() -> PretrainedConfig:  # Llama4ForCausalLM: sigmoid top-1 routing + a shared expert
+    return Llama4TextConfig(
+        **_COMMON, head_dim=8, intermediate_size=24, intermediate_size_mlp=48, num_local_experts=8,
+        num_experts_per_tok=1, attention_chunk_size=64,
+    )
+
+
+# Families covered by the family table (tests/test_families.py) and the contract table, not (yet) by
+# every feature test that iterates FAMILY_CONFIGS.
+MORE_FAMILY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
+    "qwen3_next": _qwen3_next,
+    "llama4_text": _llama4_text,
+}
+
+
 def tiny_config(family: str) -> PretrainedConfig:
-    """The tiny config of `family` (one of FAMILY_CONFIGS)."""
-    if family not in FAMILY_CONFIGS:
-        raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILY_CONFIGS)}")
-    return FAMILY_CONFIGS[family]()
+    """The tiny config of `family` (one of FAMILY_CONFIGS or MORE_FAMILY_CONFIGS)."""
+    known = {**FAMILY_CONFIGS, **MORE_FAMILY_CONFIGS}
+    if family not in known:
+        raise ValueError(f"unknown family {family!r}; known: {sorted(known)}")
+    return known[family]()
 
 
 def tiny_model(family: str, seed: int = 0, router_scale: float = 8.0) -> torch.nn.Module:
@@ -134,7 +161,8 @@ def tiny_model(family: str, seed: int = 0, router_scale: float = 8.0) -> torch.n
 
 
 def _is_router_weight(name: str) -> bool:
-    return name.endswith(("mlp.gate.weight", "mlp.router.weight", "block_sparse_moe.gate.weight"))
+    return name.endswith(("mlp.gate.weight", "mlp.router.weight", "block_sparse_moe.gate.weight",
+                          "feed_forward.router.weight"))
 
 
 def random_batch(vocab_size: int, batch: int = 2, seq_len: int = 12, seed: int = 0) -> torch.Tensor:

@@ -1,0 +1,100 @@
+"""Make MoE families whose experts transformers does not decorate look like the decorated ones.
+
+Discovery, calibration, surgery and merging read transformers v5's fused-experts contract: an
+experts module with `has_gate`/`is_transposed`/... flags, 3-D `gate_up_proj`/`down_proj`, called
+as `experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`. A few families store their
+experts fused but are not decorated and call them differently. For those, `install_shims`
+re-classes the instances (once; parameter names and shapes unchanged, so `save_pretrained` writes
+the stock layout and plain `from_pretrained` reloads it) to subclasses that follow the contract and
+compute the same function:
+
+* Llama4 (`Llama4TextMoe`): experts `gate_up_proj [E, H, 2I]` / `down_proj [E, I, H]` are the
+  transposed layout. The stock block runs every expert on every token with the input scaled by the
+  sigmoid gate (zero for unselected experts, whose output is then zero: no biases). The shimmed
+  block runs only the selected (token, expert) pairs, still scaling the input, and calls the experts
+  with gates of 1: the observer therefore sees gates of 1 and outputs that already carry the gate.
+  The router is marked `scoring_func = "sigmoid"`.
+
+Families that store experts some other way are refused by discovery with one line
+(`UNSUPPORTED_FAMILIES`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+# model_type -> why moeprune cannot prune it yet (one line, shown by discovery)
+UNSUPPORTED_FAMILIES = {
+    "dbrx": "DBRX stores its experts as flat 2-D w1/v1/w2 [E*I, H] matrices, which moeprune cannot slice yet",
+    "jetmoe": "JetMoE keeps its MLP experts in two ParallelExperts submodules and routes them with a 5-output "
+              "gate (and has attention experts too), which moeprune cannot prune yet",
+    "longcat_flash": "LongCat-Flash mixes zero-compute (identity) experts into its routed experts "
+                     "(router and gate_up_proj have n_routed + zero rows, down_proj n_routed), "
+                     "which moeprune cannot prune yet",
+}
+
+
+def _llama4_moe_forward(self: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Llama4TextMoe.forward` on the selected (token, expert) pairs only, through the v5 contract."""
+    hidden = hidden_states.reshape(-1, self.hidden_dim)
+    scores, logits = self.router(hidden)
+    index = torch.topk(logits, self.router.top_k, dim=1).indices  # the router's own selection
+    gates = scores.gather(1, index)  # sigmoid of the selected logits, as the stock block applies them
+    tokens, k = index.shape
+    scaled = (hidden.unsqueeze(1) * gates.unsqueeze(-1)).reshape(tokens * k, -1)
+    ones = torch.ones(tokens * k, 1, dtype=scaled.dtype, device=scaled.device)
+    routed = self.experts(scaled, index.reshape(-1, 1), ones).view(tokens, k, -1).sum(dim=1)
+    out = self.shared_expert(hidden)
+    out.add_(routed)
+    return out, logits
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _subclass(cls: type, namespace: dict) -> type:
+    """A cached subclass of `cls` with the same name, marked as shimmed."""
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(cls.__name__, (cls,), {**namespace, "_moeprune_shim": True, "__module__": cls.__module__})
+    return _CLASSES[cls]
+
+
+def _shim_llama4(block: nn.Module) -> None:
+    from transformers.integrations.moe import _default_apply_gate, grouped_mm_experts_forward
+
+    experts = block.experts
+    experts.__class__ = _subclass(type(experts), {
+        "forward": grouped_mm_experts_forward, "_apply_gate": _default_apply_gate, "has_gate": True,
+        "has_bias": False, "is_transposed": True, "is_concatenated": True, "has_post_expert_norm": False,
+        "_is_expert_parallel": False,
+    })
+    block.__class__ = _subclass(type(block), {"forward": _llama4_moe_forward})
+    block.router.scoring_func = "sigmoid"
+
+
+SHIMS: dict[str, Callable[[nn.Module], None]] = {"Llama4TextMoe": _shim_llama4}
+
+
+def install_shims(model: nn.Module) -> int:
+    """Shim every MoE block of a known undecorated family in `model` (idempotent); returns how many."""
+    count = 0
+    for module in model.modules():
+        shim = SHIMS.get(type(module).__name__)
+        if shim is not None and not getattr(type(module), "_moeprune_shim", False):
+            shim(module)
+            count += 1
+    return count
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why `model`'s family cannot be pruned, when it is a known MoE family moeprune refuses."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for cfg in (config, text):
+        reason = UNSUPPORTED_FAMILIES.get(getattr(cfg, "model_type", None))
+        if reason is not None:
+            return reason
+    return None
