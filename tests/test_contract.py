@@ -29,6 +29,7 @@ from moeprune.testing.checks import safetensors_bytes
 from moeprune.testing.tiny_models import random_batch, save_tiny_checkpoint
 
 ALL = ("qwen3_moe", "gpt_oss", "deepseek_v3")
+MORE = ("qwen3_next", "llama4_text")  # hybrid attention; Llama4 through the adapters' shim
 # (strategy, params, ratio, families)
 CASES = [
     ("frequency", {}, 0.5, ALL),
@@ -40,6 +41,8 @@ CASES = [
     ("stun", {}, 0.5, ("qwen3_moe", "gpt_oss")),  # no group-limited routers; weights streamed per layer
     ("stun", {"merge": True}, 0.5, ("qwen3_moe",)),
     ("mone", {}, 0.5, ALL),  # novices: router keeps E rows, extension file next to the shards
+    ("reap", {}, 0.5, MORE),  # selection route
+    ("m-smoe", {}, 0.5, MORE),  # layer route (merges)
 ]
 
 
@@ -50,7 +53,7 @@ def _ids(case):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("contract")
-    return {f: save_tiny_checkpoint(f, root / f, max_shard_size="20KB") for f in ALL}
+    return {f: save_tiny_checkpoint(f, root / f, max_shard_size="20KB") for f in ALL + MORE}
 
 
 IDS = random_batch(272, batch=6, seq_len=12, seed=3)
