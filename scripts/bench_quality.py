@@ -112,8 +112,9 @@ def run_model(spec: str, args, out: list[dict[str, Any]], dump) -> None:
     ref = Reference(dense, tok, args.eval_tokens, args.agree_tokens, args.task_items, args.seq_len)
     base = {"model": spec, "experts": n_exp, "top_k": top_k}
     t0 = time.time()
-    out.append({**base, "strategy": "dense", "ratio": 0.0, "seed": None, "calib_tokens": 0, **ref.measure(dense),
-                "seconds": time.time() - t0})
+    if (spec, "dense", 0.0, None, 0) not in args.done:
+        out.append({**base, "strategy": "dense", "ratio": 0.0, "seed": None, "calib_tokens": 0, **ref.measure(dense),
+                    "seconds": time.time() - t0})
     dump(out)
     names = strategies(args.strategies)
     ratios = [r for r in args.ratios if round(n_exp * (1 - r)) >= top_k]
@@ -131,6 +132,8 @@ def run_model(spec: str, args, out: list[dict[str, Any]], dump) -> None:
             todo = [(s, r) for s in names for r in ratios] if main else \
                 [(s, args.sweep_ratio) for s in args.sweep_strategies if s in names]
             for name, ratio in todo:
+                if (spec, name, ratio, seed, size) in args.done:  # --resume-json: measured already
+                    continue
                 t0 = time.time()
                 row = {**base, "strategy": name, "ratio": ratio, "seed": seed, "calib_tokens": size}
                 model = copy.deepcopy(dense)
@@ -322,6 +325,8 @@ def main() -> None:
     ap.add_argument("--recipe-rows", nargs="*", default=None, help="only these RECIPE_ROWS names (default: all)")
     ap.add_argument("--quick", action="store_true", help="first model, first seed, ratio 0.5, small eval, no sweep")
     ap.add_argument("--json", type=Path, help="per-run rows (written as they come)")
+    ap.add_argument("--resume-json", action="store_true",
+                    help="keep the rows already in --json and measure only the strategy cells missing there")
     ap.add_argument("--render", nargs="*", type=Path, help="only render these JSON files (no runs)")
     ap.add_argument("--readme", type=Path)
     ap.add_argument("--plot", type=Path)
@@ -346,6 +351,13 @@ def main() -> None:
         wall = sum(json.loads(p.read_text())["wall_seconds"] for p in args.render)  # summed, run in parallel or not
     else:
         rows, commands = [], ["python scripts/bench_quality.py " + " ".join(sys.argv[1:])]
+        args.done = set()
+        if args.resume_json and args.json and args.json.is_file():  # an interrupted run: keep what it measured
+            previous = json.loads(args.json.read_text())
+            rows = [r for r in previous["rows"] if "error" not in r]
+            commands[0] = previous["command"] + "` (interrupted), resumed as `" + commands[0]
+            started -= previous["wall_seconds"]
+            args.done = {(r["model"], r["strategy"], r["ratio"], r["seed"], r["calib_tokens"]) for r in rows}
 
         def dump(current):
             if args.json:
