@@ -87,7 +87,8 @@ def prune(
     check_seq_len(model.config, cal.seq_len)
     excluded = check_weights(model, allow=recipe.allow_nonfinite)
     fingerprint = model_fingerprint(model)
-    needs_ids = spec is None or spec.needs_calibration or recipe.sparsify is not None or recipe.router_kd is not None \
+    needs_ids = spec is None or (spec.needs_calibration and not recipe.patterns) or recipe.sparsify is not None or recipe.router_kd is not None \
+        or recipe.dynamic_skip \
         or recipe.slim is not None
     ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed) if needs_ids else None
     stats, auto = None, None

@@ -67,3 +67,70 @@ def test_plan_aimer_from_a_checkpoint_needs_no_statistics(root, tmp_path):
     assert applied.exit_code == 0, applied.output
     refused = _run("plan", src, "--strategy", "reap", "-o", tmp_path / "q.json")
     assert refused.exit_code == 2 and "statistics file" in refused.output
+
+
+def _recipes(root: Path, tmp_path: Path, family: str, **extra) -> tuple:
+    common = {"model": str(root / family), "calibration.source": str(root / "code.txt"), "calibration.samples": 4,
+              "calibration.seq_len": 16, "calibration.batch_size": 3, "device": "cpu", **extra}
+    return (load_recipe(None, {**common, "output": str(tmp_path / "mem")}),
+            load_recipe(None, {**common, "output": str(tmp_path / "off")}))
+
+
+def _prune_both(root: Path, tmp_path: Path, family: str, **extra):
+    from moeprune.api import prune
+    from moeprune.streaming.pipeline import prune_offloaded
+
+    in_memory, streamed = _recipes(root, tmp_path, family, **extra)
+    mem = prune(in_memory, progress=False)
+    off = prune_offloaded(streamed, progress=False)
+    assert {i: lp.kept for i, lp in off.plan.layers.items()} == {i: lp.kept for i, lp in mem.plan.layers.items()}
+    _equal_checkpoints(mem.output, off.output)
+    return mem, off
+
+
+@pytest.mark.parametrize("family, extra", [
+    ("qwen3_moe", {"strategy": "reap", "ratio": 0.5}),
+    ("gpt_oss", {"strategy": "reap", "ratio": 0.25, "budget": "global"}),  # non-uniform counts: module layout
+    ("deepseek_v3", {"strategy": "aimer", "ratio": 0.5}),  # calibration-free plan, dense first layer
+])
+def test_dynamic_skip_offload_equals_in_memory(root, tmp_path, family, extra):
+    from moeprune.apply.dynamic_skip import CONFIG_KEY
+    from moeprune.io.checkpoint import load_pruned
+
+    mem, off = _prune_both(root, tmp_path, family, dynamic_skip=True, **extra)
+    a, b = _config(mem.output)[CONFIG_KEY], _config(off.output)[CONFIG_KEY]
+    assert a["betas"].keys() == b["betas"].keys() and a["tokens"] == b["tokens"] == 4 * 16
+    assert a["renormalize"] == b["renormalize"] and a["rule"] == b["rule"]
+    for layer in a["betas"]:
+        assert b["betas"][layer] == pytest.approx(a["betas"][layer], abs=1e-6)
+        assert b["mean_ratio"][layer] == pytest.approx(a["mean_ratio"][layer], abs=1e-6)
+    saved = Plan.load(Path(off.output) / "moeprune_plan.json")
+    assert saved.params["dynamic_skip"] == b and off.plan.params["dynamic_skip"] == b
+    assert 0.0 < min(b["betas"].values()) <= max(b["betas"].values()) <= 1.0
+    reloaded = load_pruned(off.output)  # skipping installed from the streamed output's config
+    from moeprune.adapters import find_moe_layers
+
+    assert all("forward" in layer.experts.__dict__ for layer in find_moe_layers(reloaded))
+
+
+def test_task_patterns_offload_equals_in_memory(root, tmp_path):
+    pats = tmp_path / "patterns.json"
+    built = _run("patterns", root / "deepseek_v3", "--task", f"code={root / 'code.txt'}", "--task",
+                 f"prose={root / 'prose.txt'}", "--samples", 4, "--seq-len", 32, "-o", pats)
+    assert built.exit_code == 0, built.output
+    for text, name in ((CODE[:300], "code"), (PROSE[:300], "prose")):
+        query = tmp_path / f"{name}.txt"
+        query.write_text(text)
+        outs = {}
+        for mode in ("--no-offload", "--offload"):
+            outs[mode] = tmp_path / f"{name}{mode}"
+            result = _run("prune", root / "deepseek_v3", "--patterns", pats, "--query", f"@{query}", "--ratio", 0.5,
+                          mode, "-o", outs[mode])
+            assert result.exit_code == 0, result.output
+            assert "matched task" in result.output
+        a = Plan.load(outs["--no-offload"] / "moeprune_plan.json")
+        b = Plan.load(outs["--offload"] / "moeprune_plan.json")
+        assert b.params["task"] == a.params["task"]
+        assert b.params["query_distance"] == pytest.approx(a.params["query_distance"], abs=1e-9)
+        assert b.model == a.model and b.to_dict()["layers"] == a.to_dict()["layers"]
+        _equal_checkpoints(outs["--no-offload"], outs["--offload"])

@@ -50,41 +50,62 @@ def _experts_weights(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Ten
     return hidden, weights.reshape(-1, weights.shape[-1])
 
 
+class GateRatios:
+    """Pre-hooks on every MoE layer's experts recording w_(2) / w_(1) of each token's selected gates
+    (and the gate sums, to tell whether the router renormalises). Works on any model whose layers
+    run while attached, loaded or streamed one layer at a time (`streaming.streamed_skip`)."""
+
+    def __init__(self, layers: list) -> None:
+        if layers[0].routing.top_k < 2:
+            raise ValueError("dynamic skipping compares the second routing weight to the first; it needs top-k >= 2")
+        self.layers = layers
+        self.ratios: dict[int, list[torch.Tensor]] = {layer.layer: [] for layer in layers}
+        self.sums: list[torch.Tensor] = []
+        self.handles: list = []
+
+    def _hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            _, w = _experts_weights(args, kwargs)
+            top = w.double().sort(dim=-1, descending=True).values
+            self.ratios[index].append((top[:, 1] / top[:, 0].clamp_min(1e-30)).cpu())
+            self.sums.append(top.sum(-1).cpu())
+            return None
+
+        return hook
+
+    def __enter__(self) -> "GateRatios":
+        self.handles = [layer.experts.register_forward_pre_hook(self._hook(layer.layer), with_kwargs=True)
+                        for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def result(self) -> tuple[dict[int, torch.Tensor], bool]:
+        """(ratios per layer, whether every token's selected gates sum to the same value)."""
+        s = torch.cat(self.sums)
+        renormalize = bool((s.max() - s.min()) <= 1e-3 * s.abs().mean().clamp_min(1e-30))
+        return {i: torch.cat(r) for i, r in self.ratios.items()}, renormalize
+
+
 @torch.no_grad()
 def gate_ratios(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, progress: bool = True
                 ) -> tuple[dict[int, torch.Tensor], bool]:
     """Per MoE layer, w_(2) / w_(1) of the model's selected gates for every calibration token, and
     whether the router renormalises (every token's selected gates sum to the same value)."""
-    layers = find_moe_layers(model)
-    if layers[0].routing.top_k < 2:
-        raise ValueError("dynamic skipping compares the second routing weight to the first; it needs top-k >= 2")
-    ratios: dict[int, list[torch.Tensor]] = {layer.layer: [] for layer in layers}
-    sums: list[torch.Tensor] = []
-
-    def hook_for(index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            _, w = _experts_weights(args, kwargs)
-            top = w.double().sort(dim=-1, descending=True).values
-            ratios[index].append((top[:, 1] / top[:, 0].clamp_min(1e-30)).cpu())
-            sums.append(top.sum(-1).cpu())
-            return None
-
-        return hook
-
-    handles = [layer.experts.register_forward_pre_hook(hook_for(layer.layer), with_kwargs=True) for layer in layers]
+    recorder = GateRatios(find_moe_layers(model))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, ids.shape[0], batch_size), desc="dynamic-skip betas", disable=not progress, unit="batch"):
-            model(input_ids=ids[start : start + batch_size].to(device), use_cache=False, logits_to_keep=1)
+        with recorder:
+            for start in tqdm(range(0, ids.shape[0], batch_size), desc="dynamic-skip betas", disable=not progress, unit="batch"):
+                model(input_ids=ids[start : start + batch_size].to(device), use_cache=False, logits_to_keep=1)
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
-    s = torch.cat(sums)
-    renormalize = bool((s.max() - s.min()) <= 1e-3 * s.abs().mean().clamp_min(1e-30))
-    return {i: torch.cat(r) for i, r in ratios.items()}, renormalize
+    return recorder.result()
 
 
 def fit_betas(ratios: dict[int, torch.Tensor]) -> tuple[dict[int, float], dict[int, float]]:
@@ -141,8 +162,7 @@ def install_dynamic_skip(model: nn.Module, betas: dict[int, float], renormalize:
             inner = inner.args[3]
         setattr(experts, _COUNTS, [0, 0])
         experts.forward = functools.partial(skip_forward, experts, float(beta), bool(renormalize), inner)
-    entry = {"betas": {str(i): float(b) for i, b in sorted(betas.items())}, "renormalize": bool(renormalize),
-             "rule": RULE, **(record or {})}
+    entry = skip_entry(betas, renormalize, record)
     configs = [model.config]
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if text is not model.config:
@@ -152,14 +172,26 @@ def install_dynamic_skip(model: nn.Module, betas: dict[int, float], renormalize:
     return model
 
 
+def skip_entry(betas: dict[int, float], renormalize: bool, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `moeprune_dynamic_skip` config extension for `betas`."""
+    return {"betas": {str(i): float(b) for i, b in sorted(betas.items())}, "renormalize": bool(renormalize),
+            "rule": RULE, **(record or {})}
+
+
+def fitted_entry(ratios: dict[int, torch.Tensor], renormalize: bool) -> dict[str, Any]:
+    """The extension fitted from gate ratios (`gate_ratios` / `GateRatios.result`)."""
+    betas, means = fit_betas(ratios)
+    tokens = int(next(iter(ratios.values())).numel())
+    return skip_entry(betas, renormalize, {"mean_ratio": {str(i): m for i, m in sorted(means.items())}, "tokens": tokens})
+
+
 def calibrate_dynamic_skip(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
     """Fit beta per layer on `ids` with the model as it is now (after any pruning), install skipping
     and return the recorded extension."""
     ratios, renormalize = gate_ratios(model, ids, batch_size, progress)
-    betas, means = fit_betas(ratios)
-    tokens = int(next(iter(ratios.values())).numel())
-    install_dynamic_skip(model, betas, renormalize,
-                         {"mean_ratio": {str(i): m for i, m in sorted(means.items())}, "tokens": tokens})
+    entry = fitted_entry(ratios, renormalize)
+    betas = {int(i): b for i, b in entry["betas"].items()}
+    install_dynamic_skip(model, betas, renormalize, {k: entry[k] for k in ("mean_ratio", "tokens")})
     logger.info("dynamic skip: betas %s (renormalize=%s)", {i: round(b, 4) for i, b in betas.items()}, renormalize)
     return dict(getattr(model.config, CONFIG_KEY))
 

@@ -184,8 +184,7 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
     from moeprune.cli.guards import prune_before_load
 
     offload = prune_before_load(recipe, offload, resume, work_dir, overwrite)  # output and inputs: before any work
-    if (offload is None and not recipe.evaluate and recipe.sparsify is None and recipe.router_kd is None
-            and recipe.slim is None and not recipe.patterns):
+    if offload is None and not recipe.evaluate and recipe.sparsify is None and recipe.router_kd is None:
         from moeprune.io.loading import resolve_model_path
         from moeprune.streaming.pipeline import should_offload
 
@@ -195,14 +194,13 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
 
         if recipe.sparsify is not None:
             raise click.UsageError("intra-expert sparsification needs the model in memory; drop --offload")
-        if recipe.slim is not None or recipe.patterns:
-            raise click.UsageError("channel slimming and task patterns (--slim-*, --patterns) run in memory only; drop --offload")
         if recipe.router_kd is not None:
             raise click.UsageError("router calibration (--router-kd / --router-kd-local) runs in memory only; drop --offload")
         if recipe.strategy == "auto":
             raise click.UsageError("--strategy auto compares candidates on copies of the loaded model; drop --offload")
         result = prune_offloaded(recipe, work_dir=work_dir, resume=resume, memory_budget=memory_budget, overwrite=overwrite)
         click.echo(f"strategy {recipe.strategy}, ratio {recipe.ratio}: experts per layer {result.plan.experts_per_layer}")
+        _describe_methods(result.plan.params)
         click.echo(f"wrote {result.output} (streamed)")
         if recipe.evaluate:  # both checkpoints streamed layer by layer (moeprune.streaming.streamed_eval)
             from moeprune.cli.prune_eval import report_streamed_eval
@@ -224,12 +222,7 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
         done = result.plan.params["sparsity"]
         click.echo(f"intra-expert {done['method']}: expert sparsity {done['expert_sparsity']:.3f}, "
                    f"total with expert removal {done['total_sparsity']:.3f}")
-    if "slim" in result.plan.params:  # channel slimming (moeprune.slimming)
-        done = result.plan.params["slim"]
-        click.echo(f"channel slimming {done['method']}/{done['mode']}: {done['removed_share']:.3f} of expert channels removed, "
-                   f"stored width {done['storage']['width']}")
-    if "task" in result.plan.params:  # PreMoE task patterns (moeprune.patterns)
-        click.echo(f"query matched task {result.plan.params['task']!r} (L2 distance {result.plan.params['query_distance']:.4f})")
+    _describe_methods(result.plan.params)
     if "router_kd" in result.plan.params:
         from moeprune.recover.cli_options import describe_report
 
@@ -247,3 +240,13 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
         for domain in dense_ppl:
             click.echo(f"  {domain:<18} {dense_ppl[domain]:>8.2f}  {pruned_ppl[domain]:>9.2f}")
         (Path(result.output) / "moeprune_eval.json").write_text(json.dumps({"dense": dense_ppl, "pruned": pruned_ppl}, indent=1))
+
+
+def _describe_methods(params: dict) -> None:
+    """One line each for channel slimming and a matched task pattern, in memory or streamed."""
+    if "slim" in params:  # channel slimming (moeprune.slimming)
+        done = params["slim"]
+        click.echo(f"channel slimming {done['method']}/{done['mode']}: {done['removed_share']:.3f} of expert channels removed, "
+                   f"stored width {done['storage']['width']}")
+    if "task" in params:  # PreMoE task patterns (moeprune.patterns)
+        click.echo(f"query matched task {params['task']!r} (L2 distance {params['query_distance']:.4f})")

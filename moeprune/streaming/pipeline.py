@@ -74,52 +74,82 @@ def prune_offloaded(
 ) -> OffloadResult:
     """Run a recipe without loading the model: streamed calibration, plan, streamed apply.
 
-    Without `work_dir`, a resumable work directory `.<output>.moeprune-work` is kept next to the
-    output while the run lasts and removed when it succeeds.
+    Channel slimming slims each layer as it is written, dynamic-skip betas are fitted on the
+    written output before it is published, task patterns pick their plan from a streamed forward
+    up to the first router. Without `work_dir`, a resumable work directory `.<output>.moeprune-work`
+    is kept next to the output while the run lasts and removed when it succeeds.
     """
-    from transformers import AutoTokenizer
-
-    from moeprune.calibration.data import calibration_ids
     from moeprune.io.loading import resolve_model_path
-    from moeprune.strategies import get_strategy, plan
-    from moeprune.streaming.layerwise import streamed_calibrate
+    from moeprune.strategies import get_strategy
     from moeprune.streaming.streamed_apply import streamed_apply
 
-    if recipe.dynamic_skip:
-        raise ValueError("--dynamic-skip fits its betas on the pruned model in memory; drop --offload")
-    if recipe.slim is not None or recipe.patterns:
-        raise ValueError("channel slimming and task patterns (slim:, patterns:) run in memory only; drop --offload")
     path = Path(resolve_model_path(recipe.model))
     if not path.is_dir():
         raise FileNotFoundError(f"--offload needs a local checkpoint directory; {recipe.model} is not one (download it first)")
     spec = get_strategy(recipe.strategy)
-    spec.check_streamable()  # before any calibration
+    if not recipe.patterns:
+        spec.check_streamable()  # before any calibration
+    if recipe.slim is not None:
+        from moeprune.streaming.streamed_slim import check_streamable_slim
+
+        check_streamable_slim(recipe.slim)
     from moeprune.devices import resolve_device
 
     device = resolve_device(recipe.device)  # layers are materialised and run there; a missing GPU fails now
-    checked = _preflight(recipe, path, overwrite, work_dir)  # inputs, output and work dir: before any work
-    if not spec.needs_calibration:  # calibration-free (AIMER): read only expert weights from the shards
-        from moeprune.streaming.expert_reader import LazyExpertWeights
+    config, dtype, work_dir = _preflight(recipe, path, overwrite, work_dir)  # inputs, output, work dir: before any work
+    needs_stats = (spec.needs_calibration and not recipe.patterns) or recipe.slim is not None
+    tokenizer, ids = None, None
+    if needs_stats or recipe.patterns or recipe.dynamic_skip:
+        from transformers import AutoTokenizer
 
-        with LazyExpertWeights(path) as weights:
-            result_plan = plan(None, recipe.strategy, recipe.ratio, model=weights, **recipe.strategy_params())
-        output = None
-        if recipe.output:
-            output = streamed_apply(path, result_plan, recipe.output, overwrite=overwrite, max_shard_size=max_shard_size,
-                                    recipe=recipe.model_dump(mode="json"), progress=progress)
-        return OffloadResult(None, result_plan, output)
+        from moeprune.io.loading import trust_remote_code
+
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code())
+    if needs_stats or recipe.dynamic_skip:
+        from moeprune.calibration.data import calibration_ids
+
+        cal = recipe.calibration
+        ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed)
+    stats = None
+    if needs_stats:
+        stats = _calibrate(recipe, spec, path, config, dtype, device, ids, work_dir, resume, memory_budget, progress)
+    result_plan = _plan(recipe, spec, path, stats, dtype, tokenizer, device)
+    output = None
+    if recipe.output:
+        edits = []
+        if recipe.slim is not None:  # each layer slimmed as it is written (streaming/streamed_slim.py)
+            from moeprune.streaming.streamed_slim import SlimEdit
+
+            edits.append(SlimEdit(path, stats, result_plan, dtype, recipe.slim.kwargs()))
+        if recipe.dynamic_skip:  # betas fitted on the written output before it is published
+            from moeprune.streaming.streamed_skip import DynamicSkipEdit
+
+            if any(lp.novices for lp in result_plan.layers.values()):
+                raise ValueError("dynamic skipping of a MoNE (novice) plan needs the model in memory; drop --offload")
+            edits.append(DynamicSkipEdit(result_plan, ids, recipe.calibration.batch_size, dtype, device, memory_budget,
+                                         progress))
+        output = streamed_apply(
+            path, result_plan, recipe.output, overwrite=overwrite, max_shard_size=max_shard_size,
+            recipe=recipe.model_dump(mode="json"), progress=progress, edits=edits,
+        )
+        if work_dir is not None and stats is not None:
+            from moeprune.io.output_policy import remove_work_dir
+
+            remove_work_dir(work_dir)  # finished: only a work directory moeprune marked as its own is removed
+    return OffloadResult(stats, result_plan, output)
+
+
+def _calibrate(recipe: PruneRecipe, spec, path: Path, config: dict, dtype, device, ids, work_dir, resume: bool,
+               memory_budget: str, progress: bool) -> ExpertStats:
+    """Streamed calibration of `path` on `ids` (resumable with a work directory); NaN/Inf checked."""
     from moeprune.fingerprint import checkpoint_fingerprint
-    from moeprune.io.loading import trust_remote_code
+    from moeprune.io.output_policy import prepare_work_dir, remove_work_dir
     from moeprune.nonfinite import check_stats
+    from moeprune.streaming.layerwise import streamed_calibrate
 
-    from moeprune.io.output_policy import prepare_work_dir
-
-    config, dtype, work_dir = checked
     if work_dir is not None:
         work_dir = prepare_work_dir(work_dir, inputs=[path], outputs=[recipe.output])
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code())
     cal = recipe.calibration
-    ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed)
     meta = {"source": cal.source, "seed": cal.seed, "num_hidden_layers": config.get("num_hidden_layers"), "offload": True,
             "fingerprint": checkpoint_fingerprint(path)}
     try:
@@ -130,35 +160,40 @@ def prune_offloaded(
         )
     except Exception:  # an error (not a kill) before any layer was committed leaves nothing to resume
         if work_dir is not None and not (Path(work_dir) / "progress.json").is_file():
-            from moeprune.io.output_policy import remove_work_dir
-
             remove_work_dir(work_dir)
         raise
     check_stats(stats)  # NaN/Inf: one line naming layer and experts
-    if spec.needs_weights:  # stun: routers, then each layer's experts, read from the shards one layer at a time
+    return stats
+
+
+def _plan(recipe: PruneRecipe, spec, path: Path, stats: ExpertStats | None, dtype, tokenizer, device) -> Plan:
+    """The recipe's plan: a task pattern, streamed expert weights (aimer, stun) or the statistics."""
+    from moeprune.strategies import plan
+
+    if recipe.patterns:  # PreMoE: the query's nearest task pattern decides (moeprune.patterns)
+        from moeprune.patterns import load_patterns
+        from moeprune.streaming.streamed_patterns import streamed_pattern_plan
+
+        result = streamed_pattern_plan(path, tokenizer, load_patterns(recipe.patterns), recipe.query, recipe.ratio,
+                                       dtype, device)
+    elif not spec.needs_calibration:  # calibration-free (AIMER): read only expert weights from the shards
+        from moeprune.streaming.expert_reader import plan_from_weights
+
+        result = plan_from_weights(path, recipe.strategy, recipe.ratio, **recipe.strategy_params())
+    elif spec.needs_weights:  # stun: routers, then each layer's experts, read from the shards one layer at a time
         from moeprune.streaming.expert_reader import LazyExpertWeights
 
         with LazyExpertWeights(path, dtype) as weights:
-            result_plan = plan(stats, recipe.strategy, recipe.ratio, model=weights, **recipe.strategy_params())
+            result = plan(stats, recipe.strategy, recipe.ratio, model=weights, **recipe.strategy_params())
     else:
-        result_plan = plan(stats, recipe.strategy, recipe.ratio, **recipe.strategy_params())
-    if recipe.uniform and not result_plan.uniform:  # same budget, equal counts (strategies/uniform.py)
+        result = plan(stats, recipe.strategy, recipe.ratio, **recipe.strategy_params())
+    if recipe.uniform and not result.uniform:  # same budget, equal counts (strategies/uniform.py)
         from moeprune.strategies.uniform import uniform_from
 
-        result_plan = uniform_from(stats, recipe.strategy, result_plan, **recipe.strategy_params())
-    if result_plan.non_uniform_note():
-        logger.warning(result_plan.non_uniform_note())
-    output = None
-    if recipe.output:
-        output = streamed_apply(
-            path, result_plan, recipe.output, overwrite=overwrite, max_shard_size=max_shard_size,
-            recipe=recipe.model_dump(mode="json"), progress=progress,
-        )
-        if work_dir is not None:
-            from moeprune.io.output_policy import remove_work_dir
-
-            remove_work_dir(work_dir)  # finished: only a work directory moeprune marked as its own is removed
-    return OffloadResult(stats, result_plan, output)
+        result = uniform_from(stats, recipe.strategy, result, **recipe.strategy_params())
+    if result.non_uniform_note():
+        logger.warning(result.non_uniform_note())
+    return result
 
 
 def _preflight(recipe: PruneRecipe, path: Path, overwrite: bool, work_dir: str | Path | None):

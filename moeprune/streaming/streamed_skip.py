@@ -1,0 +1,126 @@
+"""`prune --dynamic-skip --offload`: NAEE dynamic-skip betas fitted on the streamed output.
+
+The in-memory path fits beta_l (median of w_(2) / w_(1) over the calibration tokens, see
+`apply.dynamic_skip`) on the pruned model. Streamed, the pruned model is the checkpoint that
+`streamed_apply` has just written into its temporary directory: `DynamicSkipEdit.finish` runs the
+calibration tokens through that checkpoint one decoder layer at a time (a meta skeleton built from
+the output's config, resized to its per-layer expert counts and channel widths as `load_pruned`
+does; each layer read from the shards, run on every cached batch with `GateRatios`' hooks on its
+experts, and freed), then writes the extension into the output's config.json and the plan's
+params, before the output is published. Same modules, same batches, same order: the betas equal
+the in-memory ones.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moeprune.adapters import find_moe_layers
+from moeprune.apply.dynamic_skip import CONFIG_KEY, GateRatios, fitted_entry
+from moeprune.io.checkpoint import LAYER_WIDTH_KEY, PER_LAYER_KEY, PLAN_FILE
+from moeprune.io.output_policy import write_text_atomic
+from moeprune.plan import Plan
+from moeprune.streaming.layerwise import (
+    ActivationStore, _capture_inputs, _module_name, _resident_to_device, _to_device, _to_host, build_skeleton,
+    decoder_layers,
+)
+from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
+from moeprune.streaming.output_edits import OutputEdits
+from moeprune.streaming.writer import parse_size
+
+
+def output_skeleton(path: str | Path, dtype: torch.dtype) -> nn.Module:
+    """Meta skeleton of a moeprune output, with its per-layer expert counts and channel widths."""
+    from moeprune.apply.surgery import slice_layer
+
+    model = build_skeleton(path, dtype)
+    config = model.config
+    if getattr(config, "moeprune_novices", None):
+        raise ValueError("dynamic skipping of a MoNE (novice) output needs the model in memory; drop --offload")
+    counts = {int(k): int(v) for k, v in (getattr(config, PER_LAYER_KEY, None) or {}).items()}
+    for layer in find_moe_layers(model):
+        n = counts.get(layer.layer, layer.num_experts)
+        if n != layer.num_experts:
+            slice_layer(layer, list(range(n)))
+    if getattr(config, LAYER_WIDTH_KEY, None):
+        from moeprune.slimming.channels import resize_for_load
+
+        resize_for_load(model, config)
+    return model
+
+
+@torch.no_grad()
+def streamed_gate_ratios(
+    path: str | Path, ids: torch.Tensor, batch_size: int = 8, dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu", memory_budget: str | int = "4GB", progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], bool]:
+    """`apply.dynamic_skip.gate_ratios` of checkpoint `path`, one decoder layer resident at a time."""
+    from moeprune.io.loading import resolve_dtype
+
+    path, device = Path(path), torch.device(device)
+    dtype = resolve_dtype(dtype, path)
+    model = output_skeleton(path, dtype)
+    _resident_to_device(model, device)
+    ckpt = LazyCheckpoint(path)
+    keymap = KeyMap(model, ckpt.keys())
+    prefix, layers = decoder_layers(model)
+    budget = parse_size(memory_budget) // 2
+    batches = [ids[i : i + batch_size] for i in range(0, ids.shape[0], batch_size)]
+    recorder = GateRatios(find_moe_layers(model))  # hooks on the skeleton's modules fire on each loaded layer
+    try:
+        with tempfile.TemporaryDirectory(prefix="moeprune-skip-") as scratch, recorder:
+            embed = materialise(model, keymap, ckpt, _module_name(model, model.get_input_embeddings()), dtype)
+            _to_device(model, embed, device)
+            current = ActivationStore(Path(scratch) / "in", budget)
+            current.directory.mkdir()
+            calls = []
+            for b, batch in enumerate(batches):
+                hidden, batch_calls = _capture_inputs(model, layers, {"input_ids": batch}, device)
+                calls.append(batch_calls)
+                current.put(b, _to_host(hidden))
+            release(model, embed)
+            for index in tqdm(range(len(layers)), desc="dynamic-skip betas", unit="layer", disable=not progress):
+                names = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
+                _to_device(model, names, device)
+                outputs = ActivationStore(Path(scratch) / f"out{index % 2}", budget)
+                outputs.directory.mkdir(exist_ok=True)
+                for f in outputs.directory.glob("*.safetensors"):
+                    f.unlink()
+                for b in range(len(batches)):
+                    args, kwargs = calls[b][index]
+                    out = layers[index](current.get(b).to(device), *args, **kwargs)
+                    outputs.put(b, _to_host(out[0] if isinstance(out, tuple) else out))
+                release(model, names)
+                current = outputs
+    finally:
+        ckpt.close()
+    return recorder.result()
+
+
+class DynamicSkipEdit(OutputEdits):
+    """Fit the betas on the written output and record them in its config and plan (before publishing)."""
+
+    def __init__(self, plan: Plan, ids: torch.Tensor, batch_size: int, dtype: torch.dtype, device: Any,
+                 memory_budget: str | int, progress: bool = True) -> None:
+        self.plan, self.ids, self.batch_size, self.dtype = plan, ids, batch_size, dtype
+        self.device, self.memory_budget, self.progress = device, memory_budget, progress
+        self.entry: dict[str, Any] | None = None
+
+    def finish(self, tmp: Path) -> None:
+        ratios, renormalize = streamed_gate_ratios(tmp, self.ids, self.batch_size, self.dtype, self.device,
+                                                   self.memory_budget, self.progress)
+        self.entry = fitted_entry(ratios, renormalize)
+        config = json.loads((tmp / "config.json").read_text())
+        config[CONFIG_KEY] = self.entry
+        if isinstance(config.get("text_config"), dict):  # composite configs: the text config records it too
+            config["text_config"][CONFIG_KEY] = self.entry
+        write_text_atomic(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True))
+        self.plan.params["dynamic_skip"] = self.entry
+        self.plan.save(tmp / PLAN_FILE)
