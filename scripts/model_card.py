@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -43,10 +44,14 @@ INTRO = {
     "tiny-moe-64": "A small fine-grained Qwen3-MoE (64 experts, top-8, the same active expert width per token as "
                    "tiny-moe's 16 x top-2, like Qwen3-30B-A3B's 128 x top-8)",
 }
-CONVERT = ("- llama.cpp: `convert_hf_to_gguf.py` identifies a BPE pre-tokenizer by hashing the token ids of a probe "
-           "string, so any newly trained vocabulary is reported as \"not recognized\". The pre-tokenizer here is "
-           "GPT-2's byte-level regex (`ByteLevel`, `use_regex`), so convert by mapping the reported hash to "
-           "`\"gpt2\"` in `get_vocab_base_pre()` (or registering it with `convert_hf_to_gguf_update.py`).")
+CHKHSH = "7859bac030b15539874a2233536bd330489b7a237b7bb9236e3ed6ca9b320c7d"  # tiny-moe's vocabulary
+CONVERT = ("- llama.cpp: the stock `convert_hf_to_gguf.py` refuses this checkpoint (\"BPE pre-tokenizer was not "
+           "recognized\"): its `get_vocab_base_pre()` names a pre-tokenizer by the sha256 of the token ids that the "
+           "model's own tokenizer gives for a fixed probe text, so every newly trained vocabulary is unknown whatever "
+           "its pre-tokenizer, and Qwen3-MoE has no other vocabulary path. The pre-tokenizer here is GPT-2's "
+           "byte-level regex (`ByteLevel`, `use_regex`), so registering this vocabulary's hash "
+           f"(`{CHKHSH}`) as `\"gpt-2\"` converts it unchanged (token ids, merges and tensors read back equal): "
+           "`scripts/check_gguf_conversion.py` reproduces both runs.")
 
 
 def calibration_ids(tok, domain: str, n_tokens: int, seed: int = 0) -> torch.Tensor:
@@ -78,6 +83,11 @@ def drop_conditions(freq: torch.Tensor, freq_code: torch.Tensor, freq_prose: tor
 TP_START, TP_END = "<!-- third-party:start -->", "<!-- third-party:end -->"
 
 
+def command_line() -> str:
+    """The command that produced a card, for the card (paths as given)."""
+    return shlex.join(["python", "scripts/model_card.py", *sys.argv[1:]])
+
+
 def append_third_party(args, rows: list[dict], heldout: dict[str, torch.Tensor], seconds: float) -> None:
     """Add the third-party figures to an existing card (its other figures stay as published)."""
     sets = [d for d in SETS if d.startswith("3rd")]
@@ -93,7 +103,7 @@ def append_third_party(args, rows: list[dict], heldout: dict[str, torch.Tensor],
         "|---|" + "---|" * len(sets),
         *[f"| {r['dropped per layer']} | " + " | ".join(f"{r[f'{d} ppl']:.2f}" for d in sets) + " |" for r in rows],
         "",
-        f"_Measured in {seconds:.0f} s with torch {torch.__version__}._",
+        f"_Measured in {seconds:.0f} s with torch {torch.__version__}: `{command_line()}`._",
         TP_END,
     ]
     card = args.model / "MODEL_CARD.md"
@@ -137,8 +147,9 @@ def main() -> None:
     freq_prose = routing_frequencies(model, calib["prose"], args.seq_len)
     # Calibration mix as in training: code and prose weighted 0.65 / 0.35.
     freq = 0.65 * freq_code + 0.35 * freq_prose
-    held_code = routing_frequencies(model, heldout["code"], args.seq_len)
-    held_prose = routing_frequencies(model, heldout["prose"], args.seq_len)
+    if not args.append_third_party:  # only the full card shows held-out routing
+        held_code = routing_frequencies(model, heldout["code"], args.seq_len)
+        held_prose = routing_frequencies(model, heldout["prose"], args.seq_len)
 
     measured = {k: v for k, v in heldout.items() if not args.append_third_party or k.startswith("3rd")}
     rows = []
@@ -219,7 +230,7 @@ def main() -> None:
         "|---|" + "---|" * len(SETS),
     ]
     lines += [f"| {r['dropped per layer']} | " + " | ".join(f"{r[f'{d} ppl']:.2f}" for d in SETS) + " |" for r in rows]
-    lines += ["", f"_Measured in {time.time() - t0:.0f} s with torch {torch.__version__}._", ""]
+    lines += ["", f"_Measured in {time.time() - t0:.0f} s with torch {torch.__version__}: `{command_line()}`._", ""]
     (args.model / "MODEL_CARD.md").write_text("\n".join(lines))
     (args.model / "evaluation.json").write_text(json.dumps({
         "rows": rows,
