@@ -159,28 +159,32 @@ class LayerRunner:
         self.seconds["forward"] += time.perf_counter() - tick
 
     @torch.no_grad()
+    def step(self, index: int, inputs: Store, visit: Visit | None = None, outputs: Store | None = None) -> Store:
+        """Layer `index` alone: load, `visit(index, layer, run_all)`, outputs into `outputs`, release."""
+        tick = time.perf_counter()
+        if self.load is not None:
+            self.load(index)
+        self.seconds["load"] += time.perf_counter() - tick
+        if visit is not None:
+            visit(index, self.layers[index], lambda: self.forward(index, inputs))
+        outputs = ListStore() if outputs is None else outputs
+        self.forward(index, inputs, outputs)
+        if self.release is not None:
+            self.release(index)
+        return outputs
+
     def run(
         self, inputs: Store, visit: Visit | None = None, start: int = 0,
         new_store: Callable[[int], Store] | None = None, after: Callable[[int, Store], None] | None = None,
         progress: bool = True, desc: str = "layers",
     ) -> Store:
-        """Layers `start`.. in order; returns the last layer's outputs.
+        """Layers `start`.. in order (`step` each); returns the last layer's outputs.
 
         `visit(i, layer, run_all)` runs after layer i is loaded and before its outputs are computed;
         `new_store(i)` makes the store for layer i's outputs; `after(i, outputs)` runs once layer i
         is released (e.g. a resumable commit)."""
         for index in tqdm(range(start, len(self.layers)), desc=desc, unit="layer", disable=not progress):
-            tick = time.perf_counter()
-            if self.load is not None:
-                self.load(index)
-            self.seconds["load"] += time.perf_counter() - tick
-            if visit is not None:
-                visit(index, self.layers[index], lambda index=index: self.forward(index, inputs))
-            outputs = new_store(index) if new_store is not None else ListStore()
-            self.forward(index, inputs, outputs)
-            if self.release is not None:
-                self.release(index)
+            inputs = self.step(index, inputs, visit, new_store(index) if new_store is not None else None)
             if after is not None:
-                after(index, outputs)
-            inputs = outputs
+                after(index, inputs)
         return inputs
