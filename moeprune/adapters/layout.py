@@ -17,6 +17,19 @@ from torch import nn
 
 EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_ATTRS = ("num_experts_per_tok", "top_k", "moe_k", "moe_topk", "num_selected_experts")
+# MoNE novices (apply/novice.py) on an experts module: the router keeps E columns, the module holds P
+# experts; NOVICE_MAP_BUFFER [E] maps a router column to its kept slot, or -(novice position + 1).
+NOVICE_MAP_BUFFER = "moeprune_expert_map"
+NOVICE_VECTOR_BUFFER = "moeprune_novice_vectors"
+
+
+def kept_columns(experts: nn.Module) -> torch.Tensor | None:
+    """Router columns of a novice experts module's kept experts, in slot order (None: no novices)."""
+    mapping = getattr(experts, NOVICE_MAP_BUFFER, None)
+    if mapping is None:
+        return None
+    kept = torch.nonzero(mapping >= 0).squeeze(1)
+    return kept[mapping[kept].argsort()]
 
 
 @dataclass(frozen=True)

@@ -30,15 +30,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moeprune.adapters import MoELayer, find_moe_layers
-from moeprune.adapters.layout import EXPERT_COUNT_ATTRS
+from moeprune.adapters.layout import EXPERT_COUNT_ATTRS, NOVICE_MAP_BUFFER, NOVICE_VECTOR_BUFFER
 from moeprune.plan import LayerPlan, PlanError, decode_vectors, encode_vectors  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 NOVICE_FILE = "moeprune_novices.safetensors"
 CONFIG_KEY = "moeprune_novices"
-MAP_BUFFER = "moeprune_expert_map"
-VECTOR_BUFFER = "moeprune_novice_vectors"
+MAP_BUFFER = NOVICE_MAP_BUFFER
+VECTOR_BUFFER = NOVICE_VECTOR_BUFFER
 
 
 # ---- forward -------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ computes exactly what transformers' `grouped_mm` implementation computes — tok
 expert, one grouped linear for gate/up and one for down, the module's own `_apply_gate` — and hands
 the un-gated outputs f and activations a of every routed (token, slot) pair to a sink before
 weighting and summing. Only routed tokens go through an expert.
+
+On a layer with MoNE novices (router E columns, P kept experts, `adapters.layout.NOVICE_MAP_BUFFER`)
+the router's picks are mapped to kept slots; picks of novices add g * mu and never reach the sink,
+whose `top_k_index` then holds kept slots with -1 for novice picks.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 from transformers.integrations.moe import _grouped_linear
+
+from moeprune.adapters.layout import NOVICE_MAP_BUFFER, NOVICE_VECTOR_BUFFER
 
 
 class RoutedSink(Protocol):
@@ -61,6 +67,8 @@ def routed_forward(
     sink: RoutedSink | None = None,
 ) -> torch.Tensor:
     """Drop-in experts forward: same result as the grouped_mm implementation, plus a sink call."""
+    if getattr(experts, NOVICE_MAP_BUFFER, None) is not None:
+        return _novice_routed_forward(experts, hidden_states, top_k_index, top_k_weights, sink)
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.shape
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
@@ -92,3 +100,29 @@ def patch_forward(experts: nn.Module, sink: RoutedSink | None) -> Callable[[], N
             del experts.__dict__["forward"]
 
     return undo
+
+
+def _novice_routed_forward(
+    experts: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    sink: RoutedSink | None,
+) -> torch.Tensor:
+    """`routed_forward` of a MoNE layer: kept picks through the experts (and the sink), novices as g * mu."""
+    num_top_k = top_k_index.size(-1)
+    mapped = getattr(experts, NOVICE_MAP_BUFFER)[top_k_index]  # kept slot, or -(novice position + 1)
+    novice = mapped < 0
+    real = torch.nonzero(~novice.reshape(-1)).squeeze(1)
+    expert_ids, order = torch.sort(mapped.reshape(-1)[real])
+    perm = real[order]
+    token_ids = perm // num_top_k
+    gates = top_k_weights.reshape(-1)[perm]
+    act, out = run_experts(experts, hidden_states[token_ids], expert_ids)
+    if sink is not None:
+        sink(expert_ids, token_ids, gates, act, out, mapped.masked_fill(novice, -1), hidden_states)
+    result = torch.zeros(hidden_states.shape[0], out.shape[-1], dtype=out.dtype, device=out.device)
+    result.index_add_(0, token_ids, out * gates.unsqueeze(-1).to(out.dtype))
+    vectors = getattr(experts, NOVICE_VECTOR_BUFFER).to(out.dtype)[(-mapped - 1).clamp_min(0)]
+    result += (top_k_weights.masked_fill(~novice, 0).to(out.dtype).unsqueeze(-1) * vectors).sum(dim=1)
+    return result.to(hidden_states.dtype)

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.adapters import MoELayer, find_moe_layers
+from moeprune.adapters.layout import kept_columns
 from moeprune.calibration.attribution import AttributionCollector, decoder_layer_of
 from moeprune.calibration.capture import patch_forward, run_experts
 from moeprune.calibration.peu import accumulate_peu
@@ -100,6 +101,9 @@ class Observer:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             logits = output[index] if isinstance(output, (tuple, list)) else output
             logits = logits.detach().reshape(-1, logits.shape[-1])
+            kept = kept_columns(layer.experts)  # MoNE novices: statistics of the kept experts' columns
+            if kept is not None:
+                logits = logits[:, kept.to(logits.device)]
             valid = self._valid(logits.shape[0], logits.device)
             l64 = logits[valid].double()
             probs = l64.sigmoid() if sigmoid else l64.softmax(dim=-1)
@@ -152,7 +156,8 @@ class Observer:
                 tok = token_ids if bool(valid_tokens.all()) else token_ids[valid_tokens[token_ids]]
                 self._attribution[layer.layer].record_routed(ids, tok, g.unsqueeze(1) * f, valid_tokens)
             selected = torch.zeros(hidden.shape[0], num_experts, dtype=torch.float32, device=hidden.device)
-            selected.scatter_(1, top_k_index, 1.0)
+            picked = top_k_index >= 0  # -1: a MoNE novice pick (capture.routed_forward)
+            selected.scatter_add_(1, top_k_index.clamp_min(0), picked.float())
             selected = selected[valid_tokens]
             t["coselect"] += (selected.T @ selected).double().cpu()
             if self.dense_tokens > 0:
@@ -170,7 +175,8 @@ class Observer:
         probs = logits.float().softmax(dim=-1)
         g = probs[token_ids, expert_ids]
         if layer.routing.norm_topk_prob:
-            g = g / probs.gather(1, top_k_index).sum(1)[token_ids]
+            picked = top_k_index >= 0  # -1: a MoNE novice pick, outside these logits
+            g = g / (probs.gather(1, top_k_index.clamp_min(0)) * picked).sum(1)[token_ids]
         return g
 
     def _dense_sample(self, layer: MoELayer, stats: LayerStats, hidden: torch.Tensor) -> None:
