@@ -340,13 +340,18 @@ def main() -> None:
         args.sweep_strategies, args.recipes = [], False
     started = time.time()
     if args.render:
-        rows, seen_dense = [], set()
-        for p in args.render:  # every file measured its model's dense row; keep one per model
-            for r in json.loads(p.read_text())["rows"]:
-                if r["strategy"] == "dense" and r["model"] in seen_dense:
+        rows, seen = [], set()
+        for p in args.render:  # every file measured its model's dense row; keep one row per cell
+            for r in json.loads(p.read_text())["rows"]:  # (the first measured; errors yield to a later rerun)
+                key = (r["model"], r["strategy"], r["ratio"], r["seed"], r["calib_tokens"])
+                if key in seen or "error" in r:
                     continue
-                seen_dense.add(r["model"]) if r["strategy"] == "dense" else None
+                seen.add(key)
                 rows.append(r)
+        measured = {(r["model"], r["strategy"], r["ratio"], r["seed"], r["calib_tokens"]) for r in rows}
+        for p in args.render:  # an error stays reported only where no file measured that cell
+            rows += [r for r in json.loads(p.read_text())["rows"] if "error" in r and
+                     (r["model"], r["strategy"], r["ratio"], r["seed"], r["calib_tokens"]) not in measured]
         commands = [json.loads(p.read_text())["command"] for p in args.render]
         wall = sum(json.loads(p.read_text())["wall_seconds"] for p in args.render)  # summed, run in parallel or not
     else:
