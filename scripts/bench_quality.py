@@ -125,15 +125,16 @@ def run_model(spec: str, args, out: list[dict[str, Any]], dump) -> None:
         sizes = [t for t in sizes if t != args.samples * args.seq_len]
     for seed in args.seeds:
         for size in sizes:
-            ids = calibration_ids("builtin:mixed", tok, size // args.seq_len, args.seq_len, seed)
-            stats = calibrate(dense, ids, dense_tokens=need_dense, progress=False, sample_tokens=need_sample,
-                              sample_seed=seed, meta={"num_hidden_layers": cfg.num_hidden_layers})
             main = size == args.samples * args.seq_len
             todo = [(s, r) for s in names for r in ratios] if main else \
                 [(s, args.sweep_ratio) for s in args.sweep_strategies if s in names]
+            todo = [(s, r) for s, r in todo if (spec, s, r, seed, size) not in args.done]  # --resume-json
+            if not todo:
+                continue
+            ids = calibration_ids("builtin:mixed", tok, size // args.seq_len, args.seq_len, seed)
+            stats = calibrate(dense, ids, dense_tokens=need_dense, progress=False, sample_tokens=need_sample,
+                              sample_seed=seed, meta={"num_hidden_layers": cfg.num_hidden_layers})
             for name, ratio in todo:
-                if (spec, name, ratio, seed, size) in args.done:  # --resume-json: measured already
-                    continue
                 t0 = time.time()
                 row = {**base, "strategy": name, "ratio": ratio, "seed": seed, "calib_tokens": size}
                 model = copy.deepcopy(dense)
@@ -163,6 +164,11 @@ def run_recipes(spec, dense, tok, seed, ref, base, args, out, dump) -> None:
         fields = {k: v for k, v in entry.items() if k not in ("name", "pick", "group_ratio", "tasks")}
         t0 = time.time()
         ratio = fields.get("ratio", 0.5)
+        done = args.done.get((spec, entry["name"], entry.get("group_ratio", ratio), seed, args.samples * args.seq_len))
+        if done is not None:  # --resume-json: measured already (its auto pick still serves the rows after it)
+            if "picked" in done:
+                picked[entry["name"]] = done["picked"]
+            continue
         row = {**base, "strategy": entry["name"], "ratio": ratio, "seed": seed, "calib_tokens": args.samples * args.seq_len}
         try:
             if "pick" in entry:
@@ -356,13 +362,13 @@ def main() -> None:
         wall = sum(json.loads(p.read_text())["wall_seconds"] for p in args.render)  # summed, run in parallel or not
     else:
         rows, commands = [], ["python scripts/bench_quality.py " + " ".join(sys.argv[1:])]
-        args.done = set()
+        args.done = {}
         if args.resume_json and args.json and args.json.is_file():  # an interrupted run: keep what it measured
             previous = json.loads(args.json.read_text())
             rows = [r for r in previous["rows"] if "error" not in r]
             commands[0] = previous["command"] + "` (interrupted), resumed as `" + commands[0]
             started -= previous["wall_seconds"]
-            args.done = {(r["model"], r["strategy"], r["ratio"], r["seed"], r["calib_tokens"]) for r in rows}
+            args.done = {(r["model"], r["strategy"], r["ratio"], r["seed"], r["calib_tokens"]): r for r in rows}
 
         def dump(current):
             if args.json:
