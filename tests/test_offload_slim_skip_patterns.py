@@ -134,3 +134,33 @@ def test_task_patterns_offload_equals_in_memory(root, tmp_path):
         assert b.params["query_distance"] == pytest.approx(a.params["query_distance"], abs=1e-9)
         assert b.model == a.model and b.to_dict()["layers"] == a.to_dict()["layers"]
         _equal_checkpoints(outs["--no-offload"], outs["--offload"])
+
+
+@pytest.mark.parametrize("family, slim, extra", [
+    ("qwen3_moe", {"ratio": 1 / 3}, {"strategy": "reap", "ratio": 0.25}),  # camera, one width: stock hub layout
+    ("qwen3_moe", {"ratio": 0.5, "mode": "expert"}, {"strategy": "reap", "ratio": 0.25}),  # per-expert widths
+    ("gpt_oss", {"ratio": 0.5, "method": "coverage", "mode": "expert"}, {"strategy": "frequency", "ratio": 0.25}),
+    ("deepseek_v3", {"ratio": 0.25, "method": "coverage"}, {"strategy": "hc-smoe", "ratio": 0.5}),  # merged experts
+    ("qwen3_moe", {"ratio": 0.25, "layer_budget": "coverage"}, {"strategy": "m-smoe", "ratio": 0.5}),  # camera, merges
+])
+def test_slimming_offload_equals_in_memory(root, tmp_path, family, slim, extra):
+    from moeprune.io.checkpoint import load_pruned
+
+    mem, off = _prune_both(root, tmp_path, family, slim=slim, **extra)
+    assert off.plan.params["slim"] == mem.plan.params["slim"]
+    assert 0 < off.plan.params["slim"]["removed_share"] < 1
+    assert _config(off.output) == _config(mem.output)
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        a = load_pruned(mem.output, dtype=torch.float32)(ids).logits
+        b = load_pruned(off.output, dtype=torch.float32)(ids).logits
+    assert torch.equal(a, b)
+
+
+def test_slimming_and_dynamic_skip_offload_equal_in_memory(root, tmp_path):
+    from moeprune.apply.dynamic_skip import CONFIG_KEY
+
+    mem, off = _prune_both(root, tmp_path, "qwen3_moe", slim={"ratio": 0.5, "mode": "expert"}, dynamic_skip=True,
+                           strategy="reap", ratio=0.25)
+    a, b = _config(mem.output)[CONFIG_KEY]["betas"], _config(off.output)[CONFIG_KEY]["betas"]
+    assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], abs=1e-6) for k in a)

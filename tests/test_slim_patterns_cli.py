@@ -82,12 +82,3 @@ def test_cli_patterns_then_query_prunes_to_nearest_task(workspace):
 def test_patterns_need_a_query():
     with pytest.raises(ValueError, match="patterns and query go together"):
         PruneRecipe(patterns="p.json")
-
-
-def test_offload_refuses_slimming(workspace):
-    from moeprune.streaming.pipeline import prune_offloaded
-
-    recipe = PruneRecipe(model=str(workspace / "model"), output=str(workspace / "never"), slim={"ratio": 0.25})
-    with pytest.raises(ValueError, match="in memory only"):
-        prune_offloaded(recipe)
-    assert not (workspace / "never").exists()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeprune.adapters import find_moe_layers
+from moeprune.adapters import MoELayer, find_moe_layers
 from moeprune.apply.surgery import set_expert_count, slice_layer
 from moeprune.calibration.stats import ExpertStats, LayerStats
 from moeprune.plan import Plan, PlanError
@@ -90,11 +90,8 @@ def _uniform_width(width: float, intermediate: int) -> int:
     return max(1, min(intermediate, round(width)))
 
 
-def slim_channels(
-    model: nn.Module, stats: ExpertStats, plan: Plan | None = None, ratio: float = 0.25, method: str = "camera",
-    mode: str = "uniform", alpha: float = 0.9, min_per_expert: int = 16, layer_budget: str | None = None,
-) -> SlimReport:
-    """Slim every routed expert of `model` in place; returns what was kept."""
+def check_slim_args(ratio: float, method: str, mode: str, layer_budget: str | None) -> str:
+    """Validate the slimming options; returns the layer budget rule in effect."""
     if not 0.0 <= ratio < 1.0:
         raise PlanError(f"slim ratio must be in [0, 1) (share of expert channels removed), got {ratio}")
     if method not in ("camera", "coverage") or mode not in ("uniform", "expert"):
@@ -102,49 +99,86 @@ def slim_channels(
     budget = layer_budget or ("coverage" if method == "coverage" else "uniform")
     if budget not in ("uniform", "coverage"):
         raise PlanError(f"slim layer_budget must be uniform|coverage, got {budget!r}")
+    return budget
+
+
+@dataclass
+class LayerScores:
+    """One layer's slimming inputs: its kept experts' statistics and channel scores."""
+
+    sub: LayerStats
+    ranking: torch.Tensor  # [E, I]: camera energy, or the coverage channel score
+    channel: torch.Tensor | None = None  # coverage only
+    attribution: torch.Tensor | None = None  # coverage only
+
+
+def score_layer(layer: MoELayer, stats: ExpertStats, plan: Plan | None, method: str, alpha: float) -> LayerScores:
+    """Channel scores of one MoE layer after its plan was applied (camera reads its down weights)."""
+    if layer.layer not in stats.layers:
+        raise PlanError(f"statistics have no MoE layer {layer.layer}; calibrate this model")
+    lay = layer.layout
+    sub = _rows(stats.layers[layer.layer], _slot_map(layer.layer, lay.num_experts, plan))
+    if "act_gsq_sum" in sub.tensors and sub.act_gsq_sum.shape[1] != lay.intermediate_dim:
+        raise PlanError(f"layer {layer.layer}: statistics have {sub.act_gsq_sum.shape[1]} channels per expert, "
+                        f"the model {lay.intermediate_dim}; was it already slimmed?")
+    if method == "camera":
+        return LayerScores(sub, camera_energy(sub, read_expert_linears(layer.experts)["down"], alpha))
+    channel = channel_activation(sub)
+    return LayerScores(sub, channel, channel, expert_attribution(sub))
+
+
+def layer_totals(scores: dict[int, LayerScores], layers: list[MoELayer], ratio: float, method: str, budget: str
+                 ) -> dict[int, int]:
+    """Channels each layer keeps (over all its experts)."""
+    if budget == "coverage":
+        pool = ({i: s.channel for i, s in scores.items()} if method == "coverage"
+                else {i: s.ranking / s.ranking.mean().clamp_min(1e-300) for i, s in scores.items()})
+        return loss_coverage({i: layer_loss(s.sub) for i, s in scores.items()}, pool, 1.0 - ratio)
+    return {layer.layer: layer.num_experts * width_for(layer.layout.intermediate_dim, ratio) for layer in layers}
+
+
+def choose_keep(layer: MoELayer, scores: LayerScores, total: int, method: str, mode: str, min_per_expert: int
+                ) -> tuple[list[torch.Tensor], list[int]]:
+    """(kept channels per surviving expert, surviving experts) of one layer."""
+    i, e = layer.layer, layer.num_experts
+    if mode == "uniform":
+        keep = uniform_keep(scores.ranking, _uniform_width(total / e, layer.layout.intermediate_dim))
+    elif method == "camera":
+        keep = global_keep(scores.ranking, total)
+    else:
+        keep = attr_coverage(scores.channel, scores.attribution, total, min_per_expert)
+    alive = [x for x in range(e) if keep[x].numel() > 0]
+    if len(alive) < e and (len(alive) < layer.routing.top_k or layer.routing.group_limited):
+        raise PlanError(f"layer {i}: slimming would empty {e - len(alive)} experts, leaving fewer than top-k "
+                        "(or unequal groups); lower the slim ratio or use mode 'uniform'")
+    return [keep[x] for x in alive], alive
+
+
+def slim_layer(layer: MoELayer, keep: list[torch.Tensor], alive: list[int]) -> list[int]:
+    """Drop the emptied experts (with their router rows) and slim the rest; returns their real widths."""
+    if len(alive) < layer.num_experts:
+        slice_layer(layer, alive)
+    return slim_experts(layer.experts, keep)
+
+
+def slim_channels(
+    model: nn.Module, stats: ExpertStats, plan: Plan | None = None, ratio: float = 0.25, method: str = "camera",
+    mode: str = "uniform", alpha: float = 0.9, min_per_expert: int = 16, layer_budget: str | None = None,
+) -> SlimReport:
+    """Slim every routed expert of `model` in place; returns what was kept."""
+    budget = check_slim_args(ratio, method, mode, layer_budget)
     layers = find_moe_layers(model)
     report = SlimReport(ratio=ratio, method=method, mode=mode, layer_budget=budget)
-    subs, ranking, channel, attribution = {}, {}, {}, {}
-    for layer in layers:
-        if layer.layer not in stats.layers:
-            raise PlanError(f"statistics have no MoE layer {layer.layer}; calibrate this model")
-        lay = layer.layout
-        sub = _rows(stats.layers[layer.layer], _slot_map(layer.layer, lay.num_experts, plan))
-        if "act_gsq_sum" in sub.tensors and sub.act_gsq_sum.shape[1] != lay.intermediate_dim:
-            raise PlanError(f"layer {layer.layer}: statistics have {sub.act_gsq_sum.shape[1]} channels per expert, "
-                            f"the model {lay.intermediate_dim}; was it already slimmed?")
-        subs[layer.layer] = sub
-        if method == "camera":
-            down = read_expert_linears(layer.experts)["down"]
-            ranking[layer.layer] = camera_energy(sub, down, alpha)
-        else:
-            channel[layer.layer] = channel_activation(sub)
-            attribution[layer.layer] = expert_attribution(sub)
-            ranking[layer.layer] = channel[layer.layer]
-        report.channels_before += lay.num_experts * lay.intermediate_dim
-    if budget == "coverage":
-        pool = channel if method == "coverage" else {i: r / r.mean().clamp_min(1e-300) for i, r in ranking.items()}
-        totals = loss_coverage({i: layer_loss(s) for i, s in subs.items()}, pool, 1.0 - ratio)
-    else:
-        totals = {layer.layer: layer.num_experts * width_for(layer.layout.intermediate_dim, ratio) for layer in layers}
+    scores = {layer.layer: score_layer(layer, stats, plan, method, alpha) for layer in layers}
+    report.channels_before = sum(layer.num_experts * layer.layout.intermediate_dim for layer in layers)
+    totals = layer_totals(scores, layers, ratio, method, budget)
     widths, counts = {}, {}
     for layer in layers:
         i, e = layer.layer, layer.num_experts
-        if mode == "uniform":
-            keep = uniform_keep(ranking[i], _uniform_width(totals[i] / e, layer.layout.intermediate_dim))
-        elif method == "camera":
-            keep = global_keep(ranking[i], totals[i])
-        else:
-            keep = attr_coverage(channel[i], attribution[i], totals[i], min_per_expert)
-        alive = [x for x in range(e) if keep[x].numel() > 0]
+        keep, alive = choose_keep(layer, scores[i], totals[i], method, mode, min_per_expert)
         if len(alive) < e:
-            if len(alive) < layer.routing.top_k or layer.routing.group_limited:
-                raise PlanError(f"layer {i}: slimming would empty {e - len(alive)} experts, leaving fewer than top-k "
-                                "(or unequal groups); lower the slim ratio or use mode 'uniform'")
-            slice_layer(layer, alive)
             report.dropped[i] = [x for x in range(e) if x not in alive]
-            keep = [keep[x] for x in alive]
-        widths[i] = slim_experts(layer.experts, keep)
+        widths[i] = slim_layer(layer, keep, alive)
         counts[i] = layer.num_experts
         report.channels_after += sum(widths[i])
     if report.dropped:
