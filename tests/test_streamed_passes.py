@@ -113,3 +113,26 @@ def test_streamed_local_router_kd_equals_in_memory(with_sparsify, checkpoints, t
     dense = read_checkpoint_tensors(src)
     router = next(k for k in dense if k.endswith("mlp.gate.weight"))
     assert not torch.equal(read_checkpoint_tensors(out)[router], dense[router][plan.layers[int(router.split(".")[2])].kept])
+
+
+@pytest.mark.slow  # two CLI prunes (~20 s alone, more on a shared CPU)
+def test_cli_offload_sparsify_and_local_kd_equal_in_memory(checkpoints, tmp_path):
+    from click.testing import CliRunner
+
+    from moeprune.cli import main
+
+    def run(*args):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    common = ["prune", checkpoints["qwen3_moe"], "--strategy", "reap", "--ratio", "0.5", "--calibration",
+              _text_source(tmp_path), "--samples", "4", "--seq-len", "16", "--sparsify", "sparsegpt", "--sparsity", "0.5",
+              "--router-kd-local", "--router-kd-local-steps", "6", "--router-kd-samples", "4"]
+    memory = run(*common, "--no-offload", "-o", tmp_path / "mem")
+    assert memory.exit_code == 0, memory.output
+    streamed = run(*common, "--offload", "-o", tmp_path / "off")
+    assert streamed.exit_code == 0, streamed.output
+    assert "(streamed)" in streamed.output and "intra-expert sparsegpt" in streamed.output
+    assert "local router KD: 6 steps/layer" in streamed.output
+    _assert_same_tensors(tmp_path / "mem", tmp_path / "off")
+    refused = run(*common, "--router-kd", "2", "--offload", "-o", tmp_path / "out2")
+    assert refused.exit_code == 2 and "runs in memory only" in refused.output and "--router-kd-local" in refused.output

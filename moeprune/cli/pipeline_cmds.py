@@ -184,7 +184,7 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
     from moeprune.cli.guards import prune_before_load
 
     offload = prune_before_load(recipe, offload, resume, work_dir, overwrite)  # output and inputs: before any work
-    if offload is None and not recipe.evaluate and recipe.sparsify is None and recipe.router_kd is None:
+    if offload is None and not recipe.evaluate and (recipe.router_kd is None or recipe.router_kd.steps == 0):
         from moeprune.io.loading import resolve_model_path
         from moeprune.streaming.pipeline import should_offload
 
@@ -192,10 +192,10 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
     if offload:
         from moeprune.streaming.pipeline import prune_offloaded
 
-        if recipe.sparsify is not None:
-            raise click.UsageError("intra-expert sparsification needs the model in memory; drop --offload")
-        if recipe.router_kd is not None:
-            raise click.UsageError("router calibration (--router-kd / --router-kd-local) runs in memory only; drop --offload")
+        if recipe.router_kd is not None and recipe.router_kd.steps > 0:  # --router-kd-local streams
+            from moeprune.streaming.streamed_passes import GLOBAL_KD_REFUSAL
+
+            raise click.UsageError(GLOBAL_KD_REFUSAL)
         if recipe.strategy == "auto":
             raise click.UsageError("--strategy auto compares candidates on copies of the loaded model; drop --offload")
         result = prune_offloaded(recipe, work_dir=work_dir, resume=resume, memory_budget=memory_budget, overwrite=overwrite)
@@ -218,15 +218,7 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
     else:
         result = prune(recipe, overwrite=overwrite)
     click.echo(f"strategy {recipe.strategy}, ratio {recipe.ratio}: experts per layer {result.plan.experts_per_layer}")
-    if "sparsity" in result.plan.params:
-        done = result.plan.params["sparsity"]
-        click.echo(f"intra-expert {done['method']}: expert sparsity {done['expert_sparsity']:.3f}, "
-                   f"total with expert removal {done['total_sparsity']:.3f}")
     _describe_methods(result.plan.params)
-    if "router_kd" in result.plan.params:
-        from moeprune.recover.cli_options import describe_report
-
-        click.echo(describe_report(result.plan.params["router_kd"]))
     if result.report is not None:
         from moeprune.auto.select import format_report
 
@@ -243,10 +235,18 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
 
 
 def _describe_methods(params: dict) -> None:
-    """One line each for channel slimming and a matched task pattern, in memory or streamed."""
+    """One line each for sparsify, channel slimming, a matched task pattern and router KD, in memory or streamed."""
+    if "sparsity" in params:  # intra-expert sparsity (moeprune.sparsify)
+        done = params["sparsity"]
+        click.echo(f"intra-expert {done['method']}: expert sparsity {done['expert_sparsity']:.3f}, "
+                   f"total with expert removal {done['total_sparsity']:.3f}")
     if "slim" in params:  # channel slimming (moeprune.slimming)
         done = params["slim"]
         click.echo(f"channel slimming {done['method']}/{done['mode']}: {done['removed_share']:.3f} of expert channels removed, "
                    f"stored width {done['storage']['width']}")
     if "task" in params:  # PreMoE task patterns (moeprune.patterns)
         click.echo(f"query matched task {params['task']!r} (L2 distance {params['query_distance']:.4f})")
+    if "router_kd" in params:  # router calibration (moeprune.recover)
+        from moeprune.recover.cli_options import describe_report
+
+        click.echo(describe_report(params["router_kd"]))

@@ -74,10 +74,11 @@ def prune_offloaded(
 ) -> OffloadResult:
     """Run a recipe without loading the model: streamed calibration, plan, streamed apply.
 
-    Channel slimming slims each layer as it is written, dynamic-skip betas are fitted on the
-    written output before it is published, task patterns pick their plan from a streamed forward
-    up to the first router. Without `work_dir`, a resumable work directory `.<output>.moeprune-work`
-    is kept next to the output while the run lasts and removed when it succeeds.
+    Channel slimming, sparsify and layer-local router KD edit each layer as it is written,
+    dynamic-skip betas are fitted on the written output before it is published, task patterns
+    pick their plan from a streamed forward up to the first router. Without `work_dir`, a
+    resumable work directory `.<output>.moeprune-work` is kept next to the output while the run
+    lasts and removed when it succeeds.
     """
     from moeprune.io.loading import resolve_model_path
     from moeprune.strategies import get_strategy
@@ -86,6 +87,10 @@ def prune_offloaded(
     path = Path(resolve_model_path(recipe.model))
     if not path.is_dir():
         raise FileNotFoundError(f"--offload needs a local checkpoint directory; {recipe.model} is not one (download it first)")
+    if recipe.router_kd is not None and recipe.router_kd.steps > 0:
+        from moeprune.streaming.streamed_passes import GLOBAL_KD_REFUSAL
+
+        raise ValueError(GLOBAL_KD_REFUSAL)
     spec = get_strategy(recipe.strategy)
     if not recipe.patterns:
         spec.check_streamable()  # before any calibration
@@ -121,6 +126,10 @@ def prune_offloaded(
             from moeprune.streaming.streamed_slim import SlimEdit
 
             edits.append(SlimEdit(path, stats, result_plan, dtype, recipe.slim.kwargs()))
+        from moeprune.streaming.streamed_passes import layer_passes  # sparsify, local router KD: each layer as written
+        from moeprune.streaming.writer import parse_size
+
+        edits += layer_passes(recipe, path, result_plan, ids, tokenizer, device, parse_size(memory_budget), before=list(edits))
         if recipe.dynamic_skip:  # betas fitted on the written output before it is published
             from moeprune.streaming.streamed_skip import DynamicSkipEdit
 

@@ -103,13 +103,16 @@ class _Chain:
         self.resident = False
 
 
-def _compress(model: nn.Module, moe: MoELayer | None, plan: Plan) -> None:
-    """The plan's surgery on one materialised MoE layer, as `apply_plan` does it."""
+def _compress(model: nn.Module, moe: MoELayer | None, plan: Plan, before: list[OutputEdits]) -> None:
+    """The plan's surgery on one materialised MoE layer, as `apply_plan` does it, then the `before` edits."""
     lp = plan.layers.get(moe.layer) if moe is not None else None
     if lp is not None:
         _prepare_layer(model, moe, lp, plan.params)
         if not lp.novices:
             slice_layer(moe, lp.kept)
+    for edit in before:
+        if moe is not None and moe.layer in edit.layers:
+            edit.edit_layer(model, moe)
 
 
 @dataclass
@@ -131,15 +134,20 @@ class LocalKD:
         return {**self.info, "local": local}
 
 
+GLOBAL_KD_REFUSAL = ("global router KD (--router-kd N) trains every router through the whole model's logits, so it "
+                     "runs in memory only; drop --offload or use --router-kd-local")
+
+
 def layer_passes(recipe: Any, path: Path, plan: Plan, ids: torch.Tensor | None, tokenizer: Any, device: torch.device,
-                 memory_budget: int) -> list[OutputEdits]:
-    """The streamed edits a recipe asks for (`sparsify:`, `router_kd: {local: true}`); [] when none."""
+                 memory_budget: int, before: list[OutputEdits] = ()) -> list[OutputEdits]:
+    """The streamed edits a recipe asks for (`sparsify:`, `router_kd: {local: true}`); [] when none.
+
+    `before`: the edits that run on each layer first (channel slimming), repeated in the pre-pass."""
     kd_cfg, cal = recipe.router_kd, recipe.calibration
     if recipe.sparsify is None and kd_cfg is None:
         return []
     if kd_cfg is not None and kd_cfg.steps > 0:
-        raise ValueError("global router KD (--router-kd N) trains through the whole model's logits, so it runs in memory "
-                         "only; drop --offload or use --router-kd-local")
+        raise ValueError(GLOBAL_KD_REFUSAL)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -165,20 +173,21 @@ def layer_passes(recipe: Any, path: Path, plan: Plan, ids: torch.Tensor | None, 
         from moeprune.sparsify.run import sparsify_job
 
         job = sparsify_job(plan=plan, **recipe.sparsify.kwargs())
-    return [LayerPasses(path, plan, ids, cal.batch_size, device, memory_budget, job, kd)]
+    return [LayerPasses(path, plan, ids, cal.batch_size, device, memory_budget, job, kd, before)]
 
 
 class LayerPasses(OutputEdits):
     """`OutputEdits` that sparsify and/or fit the router of every compressed MoE layer as it is written."""
 
     def __init__(self, path: Path, plan: Plan, ids: torch.Tensor, batch_size: int, device: torch.device,
-                 memory_budget: int, sparsify: Any = None, kd: "LocalKD | None" = None) -> None:
+                 memory_budget: int, sparsify: Any = None, kd: "LocalKD | None" = None,
+                 before: list[OutputEdits] = ()) -> None:
         from moeprune.io.loading import config_dtype
 
         self.path, self.plan, self.device, self.dtype = Path(path), plan, torch.device(device), config_dtype(path)
         self.budget = memory_budget // 4  # inputs and outputs of the compressed and the dense chain share it
         self.batch_size, self.batches = batch_size, as_batches(ids, batch_size)
-        self.job, self.kd = sparsify, kd
+        self.job, self.kd, self.before = sparsify, kd, list(before)
         self._tmp = tempfile.TemporaryDirectory(prefix="moeprune-passes-")
         self.scratch = Path(self._tmp.name)
         self.ckpt = LazyCheckpoint(path)
@@ -212,7 +221,7 @@ class LayerPasses(OutputEdits):
                     job.owl_ratio(model, index, moe, run_all)
 
             chain = _Chain(model, self.ckpt, self.batches, self.device, self.dtype, self.scratch / "pre", self.budget,
-                           edit=lambda index: _compress(model, moe_map.get(index), self.plan))
+                           edit=lambda index: _compress(model, moe_map.get(index), self.plan, self.before))
             last = max(moe_map)
             for index in range(last + 1):
                 chain.advance(index, visit)
