@@ -96,7 +96,7 @@ def prune(
     if spec is None:  # strategy auto: one calibration pass, every candidate scored on held-out sequences
         from moeprune.auto.select import auto_select
 
-        auto = auto_select(model, recipe, ids, progress=progress, meta={"fingerprint": fingerprint})
+        auto = auto_select(model, recipe, ids, progress=progress, meta={"fingerprint": fingerprint}, tokenizer=tokenizer)
         stats, ids = auto.stats, auto.planning_ids
     elif (spec.needs_calibration and not recipe.patterns) or recipe.slim is not None:  # aimer, patterns: no pass
         dense = max(cal.dense_tokens, spec.dense_tokens)

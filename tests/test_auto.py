@@ -93,3 +93,21 @@ def test_cli_prints_table_and_writes_report(corpus, tmp_path):
     report = json.loads((out / "moeprune_report.json").read_text())
     assert {r["strategy"] for r in report["candidates"]} == {"frequency", "aimer"}
     assert "<- selected" in result.output and "aimer" in result.output
+
+
+def test_auto_val_source_scores_on_that_text_and_plans_from_all(corpus, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(f"class K{i}:\n    value = '{'xyz' * (i % 7)}'  # other text {i}" for i in range(60)))
+    recipe = _recipe(corpus, tmp_path / "out", val_source=str(other), val_samples=3)
+    result = prune(recipe, model=tiny_model("qwen3_moe"), tokenizer=byte_tokenizer(), progress=False)
+    report = result.report
+    assert report["planning_sequences"] == 8 and report["validation"]["sequences"] == 3
+    assert report["validation"]["source"] == str(other)
+    dense = tiny_model("qwen3_moe")
+    stats = calibrate(dense, calibration_ids(str(corpus), byte_tokenizer(), 8, 32, 3), batch_size=4, progress=False)
+    assert result.stats.digest() == stats.digest()  # every calibration sequence planned
+    validation = calibration_ids(str(other), byte_tokenizer(), 3, 32, 3)
+    kls = {n: compare_models(dense, apply_plan(copy.deepcopy(dense), plan(stats, n, 0.5, model=dense)), validation,
+                             seq_len=32)["kl"] for n in CANDIDATES}
+    assert {r["strategy"]: r["kl"] for r in report["candidates"]} == pytest.approx(kls, rel=1e-5)
+    assert report["selected"]["strategy"] == min(kls, key=kls.get)

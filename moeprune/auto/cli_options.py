@@ -14,12 +14,15 @@ from moeprune.click_groups import stack_options
 
 
 def auto_options(fn):
-    """Add --auto-candidates / --auto-budget to a command."""
+    """Add --auto-candidates / --auto-val-source / --auto-budget to a command."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         candidates, budget = kwargs.pop("auto_candidates"), kwargs.pop("auto_budget")
+        val_source = kwargs.pop("auto_val_source")
         overrides = {}
+        if val_source:
+            overrides["auto.val_source"] = val_source
         if candidates:
             overrides["auto.candidates"] = [c.strip() for c in candidates.split(",") if c.strip()]
         if budget:
@@ -30,6 +33,8 @@ def auto_options(fn):
     options = [
         click.option("--auto-candidates", help="With --strategy auto: comma-separated strategies to compare "
                      "(default: frequency,soft-frequency,ean,reap,man,msan,aimer,mone,dern)."),
+        click.option("--auto-val-source", help="With --strategy auto: score candidates on sequences of this text "
+                     "source (e.g. builtin:third-party-prose) instead of a held-out part of the calibration data."),
         click.option("--auto-budget", is_flag=True, default=False,
                      help="With --strategy auto: also try a global budget for every candidate that has one."),
     ]

@@ -4,7 +4,11 @@ Candidates default to the score strategies, MAN/MSAN, AIMER, MoNE and DERN. `bud
 budgets tried for every candidate that has one (default: the recipe's `budget`; `--auto-budget`
 sets `[layer, global]`).
 `val_fraction` of the calibration sequences (chosen with `val_seed`, default the calibration seed)
-are held out of planning and used only to score candidates.
+are held out of planning and used only to score candidates. With `val_source` the candidates are
+instead scored on `val_samples` sequences of that text source (its train split; e.g. third-party text
+the model never trained on) and planning uses every calibration sequence: when the calibration text
+is the model's own training text, the dense model is sharper on it than on new text, and KL there
+can rank candidates the other way round (seen on the bundled models; README, `auto`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ class AutoConfig(BaseModel):
     budgets: list[Literal["layer", "global"]] | None = None  # None: the recipe's own `budget`
     val_fraction: float = Field(0.125, gt=0.0, lt=1.0)
     val_seed: int | None = None
+    val_source: str | None = None  # score on this text source instead of a split of the calibration
+    val_samples: int = Field(16, ge=1)  # sequences of val_source (calibration seq_len)
 
     @field_validator("candidates")
     @classmethod

@@ -1,7 +1,8 @@
 """`--strategy auto`: plan with every candidate, keep the one whose model is closest to the dense one.
 
 1. The calibration sequences are split (seeded): `val_fraction` of them are held out; the rest are
-   the planning tokens.
+   the planning tokens. With `auto.val_source`, every calibration sequence plans and the
+   validation sequences come from that text source instead.
 2. One calibration pass over the planning tokens collects what every candidate needs (the union:
    dense samples where one wants them); it is skipped when every candidate is calibration-free.
 3. Each candidate (x each budget in `auto.budgets` that it supports) plans from those statistics,
@@ -59,12 +60,20 @@ def split_validation(ids: torch.Tensor, fraction: float, seed: int) -> tuple[tor
 
 
 def auto_select(model: nn.Module, recipe: Any, ids: torch.Tensor, progress: bool = True,
-                meta: dict[str, Any] | None = None) -> AutoSelection:
-    """Compare the recipe's `auto` candidates on held-out calibration sequences; see the module doc."""
+                meta: dict[str, Any] | None = None, tokenizer: Any = None) -> AutoSelection:
+    """Compare the recipe's `auto` candidates on held-out calibration sequences (or on `auto.val_source`
+    text, which needs `tokenizer`); see the module doc."""
     cfg = recipe.auto or AutoConfig()
     cal = recipe.calibration
     seed = cal.seed if cfg.val_seed is None else cfg.val_seed
-    planning, validation = split_validation(ids, cfg.val_fraction, seed)
+    if cfg.val_source is not None:
+        from moeprune.calibration.data import calibration_ids
+
+        if tokenizer is None:
+            raise ValueError("auto.val_source needs the model's tokenizer")
+        planning, validation = ids, calibration_ids(cfg.val_source, tokenizer, cfg.val_samples, cal.seq_len, seed)
+    else:
+        planning, validation = split_validation(ids, cfg.val_fraction, seed)
     specs = {name: get_strategy(name) for name in cfg.candidates}
     stats, cal_seconds = None, 0.0
     if any(s.needs_calibration for s in specs.values()):
@@ -114,7 +123,8 @@ def auto_select(model: nn.Module, recipe: Any, ids: torch.Tensor, progress: bool
         "ratio": recipe.ratio,
         "selected": selected,
         "metric": "mean KL(dense || candidate) of next-token distributions on held-out calibration sequences",
-        "validation": {"sequences": int(validation.shape[0]), "tokens": int(validation.numel()), "seed": seed},
+        "validation": {"sequences": int(validation.shape[0]), "tokens": int(validation.numel()), "seed": seed,
+                       "source": cfg.val_source or f"{cal.source} (held out of planning)"},
         "planning_sequences": int(planning.shape[0]),
         "calibration_seconds": round(cal_seconds, 3),
         "candidates": rows,
