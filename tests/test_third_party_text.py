@@ -66,3 +66,13 @@ def test_unknown_domain_and_split() -> None:
         tp.third_party_documents("third-party-poetry")
     with pytest.raises(ValueError, match="split"):
         tp.third_party_documents("third-party-code", "validation")
+
+
+def test_third_party_mixed_interleaves_both_domains_per_split() -> None:
+    from moeprune.calibration.builtin_corpus import builtin_documents
+
+    for split in ("train", "heldout"):
+        mixed = builtin_documents("third-party-mixed", split)
+        code, prose = (builtin_documents(f"third-party-{d}", split) for d in ("code", "prose"))
+        assert sorted(mixed) == sorted(code + prose)
+    assert not set(builtin_documents("third-party-mixed", "train")) & set(builtin_documents("third-party-mixed", "heldout"))

@@ -28,7 +28,7 @@ Split = Literal["train", "heldout", "all"]
 
 DOMAINS: tuple[str, ...] = ("code", "prose", "mixed")
 # Text of moeprune's dependencies, never trained on (moeprune.calibration.third_party_corpus).
-THIRD_PARTY_DOMAINS: tuple[str, ...] = ("third-party-code", "third-party-prose")
+THIRD_PARTY_DOMAINS: tuple[str, ...] = ("third-party-code", "third-party-prose", "third-party-mixed")
 SPLITS: tuple[str, ...] = ("train", "heldout", "all")
 
 _EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
@@ -163,7 +163,8 @@ def builtin_documents(domain: str, split: str = "train") -> list[str]:
     Args:
         domain: ``"code"``, ``"prose"`` or ``"mixed"`` (code and prose interleaved), or
             ``"third-party-code"`` / ``"third-party-prose"`` (dependencies' sources and docs; their
-            ``train`` split is a disjoint calibration part, see :mod:`third_party_corpus`).
+            ``train`` split is a disjoint calibration part, see :mod:`third_party_corpus`) or
+            ``"third-party-mixed"`` (both interleaved, as ``"mixed"``).
         split: ``"train"``, ``"heldout"`` or ``"all"``.
 
     Returns:
@@ -172,6 +173,9 @@ def builtin_documents(domain: str, split: str = "train") -> list[str]:
     if domain in THIRD_PARTY_DOMAINS:
         from moeprune.calibration.third_party_corpus import third_party_documents
 
+        if domain == "third-party-mixed":
+            return _interleave(third_party_documents("third-party-code", split),
+                               third_party_documents("third-party-prose", split))
         return third_party_documents(domain, split)
     if domain not in DOMAINS:
         raise ValueError(
