@@ -59,6 +59,10 @@ KD = {"steps": 100, "lr": 1e-3}  # global Router KD as measured in scripts/bench
 RECIPE_ROWS: list[dict[str, Any]] = [
     {"name": "auto", "strategy": "auto", "ratio": 0.5},
     {"name": "auto + router-kd", "pick": "auto", "strategy": "auto", "ratio": 0.5, "router_kd": KD},
+    {"name": "auto, 3p validation", "strategy": "auto", "ratio": 0.5,
+     "auto": {"val_source": "builtin:third-party-mixed"}},
+    {"name": "auto, 3p validation + router-kd", "pick": "auto, 3p validation", "strategy": "auto", "ratio": 0.5,
+     "auto": {"val_source": "builtin:third-party-mixed"}, "router_kd": KD},
     {"name": "reap + sparsegpt 50%", "strategy": "reap", "ratio": 0.5,
      "sparsify": {"method": "sparsegpt", "sparsity": 0.5}},
     {"name": "auto + sparsegpt 50% + router-kd", "pick": "auto", "strategy": "auto", "ratio": 0.5,
@@ -174,7 +178,7 @@ def run_recipes(spec, dense, tok, seed, ref, base, args, out, dump) -> None:
             if "pick" in entry:
                 if entry["pick"] not in picked:
                     raise RuntimeError(f"row {entry['pick']!r} did not run or picked nothing for this seed")
-                fields["auto"] = {"candidates": [picked[entry["pick"]]]}
+                fields["auto"] = {**fields.get("auto", {}), "candidates": [picked[entry["pick"]]]}
                 row["picked"] = picked[entry["pick"]]
             calibration = {"samples": args.samples, "seq_len": args.seq_len, "seed": seed, **fields.pop("calibration", {})}
             recipe = PruneRecipe(model=spec, **fields, calibration=calibration)
