@@ -164,3 +164,10 @@ def test_slimming_and_dynamic_skip_offload_equal_in_memory(root, tmp_path):
                            strategy="reap", ratio=0.25)
     a, b = _config(mem.output)[CONFIG_KEY]["betas"], _config(off.output)[CONFIG_KEY]["betas"]
     assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], abs=1e-6) for k in a)
+
+
+def test_dynamic_skip_with_novices_is_refused_before_calibration(root, tmp_path):
+    result = _run("prune", root / "qwen3_moe", "--strategy", "mone", "--dynamic-skip", "--offload",
+                  "--calibration", root / "code.txt", "--samples", 2, "--seq-len", 8, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "MoNE (novice) plan needs the model in memory" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no work directory

@@ -56,6 +56,9 @@ def should_offload(path: str | Path, fraction: float = 0.7, dtype: str = "auto")
     return False
 
 
+_MONE_SKIP = "dynamic skipping of a MoNE (novice) plan needs the model in memory; drop --offload"
+
+
 @dataclass
 class OffloadResult:
     stats: ExpertStats | None  # None for calibration-free strategies
@@ -98,6 +101,8 @@ def prune_offloaded(
         from moeprune.streaming.streamed_slim import check_streamable_slim
 
         check_streamable_slim(recipe.slim)
+    if recipe.dynamic_skip and recipe.strategy == "mone" and not recipe.patterns:  # before any calibration
+        raise ValueError(_MONE_SKIP)
     from moeprune.devices import resolve_device
 
     device = resolve_device(recipe.device)  # layers are materialised and run there; a missing GPU fails now
@@ -134,7 +139,7 @@ def prune_offloaded(
             from moeprune.streaming.streamed_skip import DynamicSkipEdit
 
             if any(lp.novices for lp in result_plan.layers.values()):
-                raise ValueError("dynamic skipping of a MoNE (novice) plan needs the model in memory; drop --offload")
+                raise ValueError(_MONE_SKIP)
             edits.append(DynamicSkipEdit(result_plan, ids, recipe.calibration.batch_size, dtype, device, memory_budget,
                                          progress))
         output = streamed_apply(
