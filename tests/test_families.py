@@ -15,9 +15,9 @@ from moeprune.evaluation.routing_mask import mask_experts
 from moeprune.testing.tiny_models import FAMILY_CONFIGS, MORE_FAMILY_CONFIGS, random_batch, tiny_model
 from moeprune.testing.checks import logits_of as _logits
 
-# routers whose selection `mask_experts` reproduces (softmax top-k, Llama4's sigmoid top-k);
+# routers whose selection `mask_experts` reproduces (softmax top-k, Llama4's sigmoid top-k, DBRX's logits);
 # group-limited routers (DeepSeek-V3, GLM-4.5) regroup after pruning, so masking is not their reference
-MASKABLE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "qwen3_next", "llama4_text")
+MASKABLE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "qwen3_next", "llama4_text", "dbrx")
 
 
 @pytest.fixture(params=sorted(FAMILY_CONFIGS) + sorted(MORE_FAMILY_CONFIGS))
@@ -47,7 +47,8 @@ def test_pruned_model_reloads_exactly(family, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert torch.allclose(_logits(reloaded, ids), pruned, atol=1e-5)
     config = json.loads((out / "config.json").read_text())
-    counts = [config[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if k in config]
+    config.update(config.get("ffn_config") or {})  # DBRX keeps its count in the FFN sub-config
+    counts = [config[k] for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts") if k in config]
     assert counts and all(c == 4 for c in counts)
     assert [layer.num_experts for layer in find_moe_layers(reloaded)] == [4] * len(p.layers)
     assert (out / "moeprune_plan.json").is_file()
@@ -95,11 +96,8 @@ def test_llama4_shim_computes_the_stock_forward():
 
 
 def _unsupported_config(family: str):
-    from transformers import DbrxConfig, JetMoeConfig, LongcatFlashConfig
+    from transformers import JetMoeConfig, LongcatFlashConfig
 
-    if family == "dbrx":
-        return DbrxConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=64, attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
-                          ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2})
     if family == "jetmoe":
         return JetMoeConfig(hidden_size=32, num_hidden_layers=1, num_key_value_heads=2, kv_channels=8,
                             intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, vocab_size=64)
@@ -108,10 +106,35 @@ def _unsupported_config(family: str):
                               v_head_dim=8, moe_topk=2, n_routed_experts=4, zero_expert_num=2, expert_ffn_hidden_size=16)
 
 
-@pytest.mark.parametrize("family", ["dbrx", "jetmoe", "longcat_flash"])
+@pytest.mark.parametrize("family", ["jetmoe", "longcat_flash"])
 def test_unsupported_families_are_refused_in_one_line(family):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(_unsupported_config(family))
-    with pytest.raises(NotAnMoEModelError, match="cannot (slice|prune)") as err:
+    with pytest.raises(NotAnMoEModelError, match="cannot prune") as err:
         find_moe_layers(model)
     assert "\n" not in str(err.value)
+
+
+def test_dbrx_shim_keeps_the_stock_state_dict_and_refuses_offload(tmp_path):
+    from moeprune.streaming.lazy_reader import KeyMap
+    from moeprune.testing.tiny_models import save_tiny_checkpoint
+    from safetensors.torch import load_file
+
+    model = tiny_model("dbrx")
+    ids = random_batch(model.config.vocab_size, batch=2, seq_len=10)
+    stock, state = _logits(model, ids), {k: v.clone() for k, v in model.state_dict().items()}
+    layer = find_moe_layers(model)[0]
+    assert (layer.routing.top_k, layer.routing.norm_topk_prob, layer.layout.describe()) == (2, True, "gated/standard")
+    w1 = state["transformer.blocks.0.ffn.experts.mlp.w1"]
+    assert torch.equal(layer.experts.gate_up_proj[3, :24], w1[72:96])  # expert 3 = rows 3I..4I of w1
+    after = model.state_dict()
+    assert sorted(after) == sorted(state) and all(torch.equal(after[k], state[k]) for k in state)
+    torch.testing.assert_close(_logits(model, ids), stock, rtol=0, atol=1e-6)
+    fresh = tiny_model("dbrx", seed=1)
+    find_moe_layers(fresh)
+    fresh.load_state_dict(state)  # the load hook takes the stock names too
+    assert torch.equal(fresh.transformer.blocks[0].ffn.experts.down_proj, layer.experts.down_proj)
+    ckpt = save_tiny_checkpoint("dbrx", tmp_path / "dbrx")
+    assert "transformer.blocks.0.ffn.experts.mlp.w1" in load_file(ckpt / "model.safetensors")
+    with pytest.raises(NotAnMoEModelError, match="drop --offload"):
+        KeyMap(tiny_model("dbrx"), [])

@@ -4,9 +4,9 @@ Discovery, calibration, surgery and merging read transformers v5's fused-experts
 experts module with `has_gate`/`is_transposed`/... flags, 3-D `gate_up_proj`/`down_proj`, called
 as `experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`. A few families store their
 experts fused but are not decorated and call them differently. For those, `install_shims`
-re-classes the instances (once; parameter names and shapes unchanged, so `save_pretrained` writes
-the stock layout and plain `from_pretrained` reloads it) to subclasses that follow the contract and
-compute the same function:
+re-classes the instances (once; `state_dict()` keeps the stock names and shapes, so
+`save_pretrained` writes the stock layout and plain `from_pretrained` reloads it) to subclasses that
+follow the contract and compute the same function:
 
 * Llama4 (`Llama4TextMoe`): experts `gate_up_proj [E, H, 2I]` / `down_proj [E, I, H]` are the
   transposed layout. The stock block runs every expert on every token with the input scaled by the
@@ -14,6 +14,15 @@ compute the same function:
   block runs only the selected (token, expert) pairs, still scaling the input, and calls the experts
   with gates of 1: the observer therefore sees gates of 1 and outputs that already carry the gate.
   The router is marked `scoring_func = "sigmoid"`.
+
+* DBRX (`DbrxFFN`): the experts are flat `mlp.w1`/`mlp.v1`/`mlp.w2 [E*I, H]` matrices. The shim
+  re-parameterises them as `gate_up_proj [E, 2I, H]` (w1 | v1) and `down_proj [E, H, I]` (w2
+  transposed), with state-dict hooks that translate back to (and from) the stock names and shapes,
+  so `state_dict()`/`save_pretrained` still write `mlp.w1/v1/w2`. Its router gets `top_k` and
+  `norm_topk_prob` (`moe_normalize_expert_weights` set: renormalised, by a p-norm: exact for the
+  default p = 1) from the FFN config. The
+  streamed (`--offload`) paths refuse it (`streamable`): the checkpoint keys do not name the shimmed
+  parameters.
 
 Families that store experts some other way are refused by discovery with one line
 (`UNSUPPORTED_FAMILIES`).
@@ -28,7 +37,6 @@ from torch import nn
 
 # model_type -> why moeprune cannot prune it yet (one line, shown by discovery)
 UNSUPPORTED_FAMILIES = {
-    "dbrx": "DBRX stores its experts as flat 2-D w1/v1/w2 [E*I, H] matrices, which moeprune cannot slice yet",
     "jetmoe": "JetMoE keeps its MLP experts in two ParallelExperts submodules and routes them with a 5-output "
               "gate (and has attention experts too), which moeprune cannot prune yet",
     "longcat_flash": "LongCat-Flash mixes zero-compute (identity) experts into its routed experts "
@@ -75,7 +83,70 @@ def _shim_llama4(block: nn.Module) -> None:
     block.router.scoring_func = "sigmoid"
 
 
-SHIMS: dict[str, Callable[[nn.Module], None]] = {"Llama4TextMoe": _shim_llama4}
+def _dbrx_ffn_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`DbrxFFN.forward` with the experts called on [T, H] rows (the v5 contract)."""
+    shape = hidden_states.shape
+    weights, index = self.route_tokens_to_experts(self.router(hidden_states))
+    return self.experts(hidden_states.reshape(-1, shape[-1]), index, weights).view(shape)
+
+
+def _dbrx_to_stock(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict hook: gate_up_proj/down_proj -> the stock mlp.w1/v1/w2 [E*I, H]."""
+    gate_up, down = state.pop(prefix + "gate_up_proj", None), state.pop(prefix + "down_proj", None)
+    if gate_up is None or down is None:
+        return
+    e, two_i, h = gate_up.shape
+    state[prefix + "mlp.w1"] = gate_up[:, : two_i // 2].reshape(-1, h)
+    state[prefix + "mlp.v1"] = gate_up[:, two_i // 2 :].reshape(-1, h)
+    state[prefix + "mlp.w2"] = down.transpose(1, 2).reshape(-1, h)
+
+
+def _dbrx_from_stock(experts: nn.Module, state: dict, prefix: str, *rest) -> None:
+    """Load pre-hook: the stock mlp.w1/v1/w2 -> gate_up_proj/down_proj."""
+    names = [prefix + f"mlp.{n}" for n in ("w1", "v1", "w2")]
+    if not all(n in state for n in names):
+        return
+    w1, v1, w2 = (state.pop(n) for n in names)
+    e, h = experts.num_experts, w1.shape[1]
+    state[prefix + "gate_up_proj"] = torch.cat([w1.view(e, -1, h), v1.view(e, -1, h)], dim=1)
+    state[prefix + "down_proj"] = w2.view(e, -1, h).transpose(1, 2).contiguous()
+
+
+def _shim_dbrx(block: nn.Module) -> None:
+    from transformers.integrations.moe import _default_apply_gate, grouped_mm_experts_forward
+
+    experts = block.experts
+    mlp = experts.mlp
+    e, i, h = experts.num_experts, experts.ffn_hidden_size, experts.hidden_size
+    w1, v1, w2 = (getattr(mlp, n).detach() for n in ("w1", "v1", "w2"))
+    grad = mlp.w1.requires_grad
+    experts.__class__ = _subclass(type(experts), {
+        "forward": grouped_mm_experts_forward, "_apply_gate": _default_apply_gate, "has_gate": True,
+        "has_bias": False, "is_transposed": False, "is_concatenated": True, "has_post_expert_norm": False,
+        "_is_expert_parallel": False,
+    })
+    experts.act_fn = mlp.activation_fn
+    del experts.mlp
+    experts.gate_up_proj = nn.Parameter(torch.cat([w1.view(e, i, h), v1.view(e, i, h)], dim=1), requires_grad=grad)
+    experts.down_proj = nn.Parameter(w2.view(e, i, h).transpose(1, 2).contiguous(), requires_grad=grad)
+    experts._register_state_dict_hook(_dbrx_to_stock)
+    experts._register_load_state_dict_pre_hook(_dbrx_from_stock, with_module=True)
+    block.__class__ = _subclass(type(block), {"forward": _dbrx_ffn_forward})
+    block.router.top_k = block.top_k
+    block.router.norm_topk_prob = block.moe_normalize_expert_weights is not None
+
+
+SHIMS: dict[str, Callable[[nn.Module], None]] = {"Llama4TextMoe": _shim_llama4, "DbrxFFN": _shim_dbrx}
+STOCK_KEYS_DIFFER = ("DbrxExperts",)  # shimmed modules whose parameters are not the checkpoint's tensors
+
+
+def streamable(model: nn.Module) -> str | None:
+    """None when the streamed paths can read `model`'s checkpoint key by key, else why not."""
+    for module in model.modules():
+        if getattr(type(module), "_moeprune_shim", False) and type(module).__name__ in STOCK_KEYS_DIFFER:
+            return (f"{type(module).__name__} is re-parameterised in memory (its checkpoint tensors are not its "
+                    "parameters): --offload does not support this family yet; drop --offload")
+    return None
 
 
 def install_shims(model: nn.Module) -> int:

@@ -15,6 +15,7 @@ import logging
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from moeprune.adapters import MoELayer, find_moe_layers
 from moeprune.adapters.layout import EXPERT_COUNT_ATTRS
@@ -87,6 +88,9 @@ def set_expert_count(model: nn.Module, counts: dict[int, int]) -> None:
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if text is not model.config:
         configs.append(text)
+    for config in list(configs):  # sub-configs holding a count (DBRX: ffn_config.moe_num_experts)
+        configs += [sub for sub in vars(config).values() if isinstance(sub, PretrainedConfig) and sub not in configs
+                    and any(isinstance(getattr(sub, key, None), int) for key in EXPERT_COUNT_ATTRS)]
     for config in configs:
         for key in EXPERT_COUNT_ATTRS:
             if isinstance(getattr(config, key, None), int):

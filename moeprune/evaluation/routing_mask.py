@@ -11,7 +11,8 @@ Mixtral-style routers in transformers 5.x. A forward hook on each router recompu
 with the dropped experts' logits set to -inf and *returns* the new tuple, replacing the router output.
 Llama4's router (marked `scoring_func = "sigmoid"` by the adapters' shim) returns
 ``(scores [T, E], router_logits [T, E])``: top-k on the logits, sigmoid of the selected ones, 0
-elsewhere; its hook redoes that selection on the masked logits (`masked_sigmoid_scores`).
+elsewhere; its hook redoes that selection on the masked logits (`masked_sigmoid_scores`). Routers
+that return the logits alone (DBRX) get them back masked; their block selects from those.
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ def mask_experts(model: nn.Module, dropped: Mapping[int, Sequence[int]]) -> Iter
         ValueError: a listed layer has no router, an index is out of range, or fewer than
             ``top_k`` experts would remain.
     """
-    routers = find_routers(model)
+    from moeprune.adapters import find_moe_layers
+
+    layers = {layer.layer: layer for layer in find_moe_layers(model)}
+    routers = {index: layer.router for index, layer in layers.items()}
     default_norm = bool(getattr(getattr(model, "config", None), "norm_topk_prob", True))
     handles = []
     try:
@@ -77,19 +81,20 @@ def mask_experts(model: nn.Module, dropped: Mapping[int, Sequence[int]]) -> Iter
             if layer not in routers:
                 raise ValueError(f"layer {layer} has no supported router (found {sorted(routers)})")
             router = routers[layer]
-            n_experts = router.weight.shape[0]
+            n_experts = layers[layer].num_experts
             experts = sorted(set(int(e) for e in experts))
             if experts and (experts[0] < 0 or experts[-1] >= n_experts):
                 raise ValueError(f"layer {layer}: expert index out of range 0..{n_experts - 1}: {experts}")
-            if n_experts - len(experts) < router.top_k:
+            top_k = layers[layer].routing.top_k
+            if n_experts - len(experts) < top_k:
                 raise ValueError(
                     f"layer {layer}: dropping {len(experts)} of {n_experts} experts leaves fewer than "
-                    f"top_k={router.top_k}; drop fewer experts"
+                    f"top_k={top_k}; drop fewer experts"
                 )
             if not experts:
                 continue
             norm = bool(getattr(router, "norm_topk_prob", default_norm))
-            handles.append(router.register_forward_hook(_make_hook(experts, router.top_k, norm)))
+            handles.append(router.register_forward_hook(_make_hook(experts, top_k, norm)))
         yield model
     finally:
         for handle in handles:
@@ -98,6 +103,10 @@ def mask_experts(model: nn.Module, dropped: Mapping[int, Sequence[int]]) -> Iter
 
 def _make_hook(experts: list[int], top_k: int, norm: bool):
     def hook(module: nn.Module, args: tuple, output: object) -> tuple[torch.Tensor, ...]:
+        if isinstance(output, torch.Tensor):  # logits only (DBRX): the block selects from the masked logits
+            masked = output.clone()
+            masked[..., experts] = float("-inf")
+            return masked
         if isinstance(output, tuple) and len(output) == 2 and getattr(module, "scoring_func", None) == "sigmoid":
             return masked_sigmoid_scores(output[1], experts, top_k)
         if not (isinstance(output, tuple) and len(output) == 3):

@@ -8,7 +8,8 @@ checkpoint. Every failure to open or read a shard raises `CorruptCheckpointError
 such as Mixtral's `block_sparse_moe` -> `mlp`, and converters such as per-expert
 `experts.{j}.gate_proj.weight` -> fused `experts.gate_up_proj [E, 2I, H]`) to the checkpoint's key
 names only, against a meta-device model; `load_state` then loads and converts just the tensors of
-one module (a decoder layer, the embeddings) exactly as `from_pretrained` would.
+one module (a decoder layer, the embeddings) exactly as `from_pretrained` would. Families the
+adapters re-parameterise in memory (DBRX) are refused here, in one line.
 """
 
 from __future__ import annotations
@@ -142,6 +143,12 @@ class KeyMap:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
+        from moeprune.adapters import NotAnMoEModelError
+        from moeprune.adapters.shims import install_shims, streamable
+
+        install_shims(model)
+        if (reason := streamable(model)) is not None:  # DBRX: parameters are not the checkpoint's tensors
+            raise NotAnMoEModelError(reason)
         self.model = model
         conversions = get_model_conversion_mapping(model)
         self.renamings = [c for c in conversions if isinstance(c, WeightRenaming)]

@@ -16,6 +16,7 @@ from transformers import (
     DeepseekV2Config,
     DeepseekV3Config,
     Glm4MoeConfig,
+    DbrxConfig,
     GptOssConfig,
     Llama4TextConfig,
     MixtralConfig,
@@ -125,11 +126,22 @@ def _llama4_text() -> PretrainedConfig:  # Llama4ForCausalLM: sigmoid top-1 rout
     )
 
 
+def _dbrx() -> PretrainedConfig:  # flat w1/v1/w2 experts (shimmed); 5.24 needs rope_theta and clip_qkv in attn_config
+    c = {k: v for k, v in _COMMON.items() if k not in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                       "num_key_value_heads", "max_position_embeddings")}
+    return DbrxConfig(
+        **c, d_model=32, n_heads=4, n_layers=2, max_seq_len=256,
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        ffn_config={"ffn_hidden_size": 24, "moe_num_experts": 8, "moe_top_k": 2},
+    )
+
+
 # Families covered by the family table (tests/test_families.py) and the contract table, not (yet) by
 # every feature test that iterates FAMILY_CONFIGS.
 MORE_FAMILY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "qwen3_next": _qwen3_next,
     "llama4_text": _llama4_text,
+    "dbrx": _dbrx,
 }
 
 
@@ -162,7 +174,7 @@ def tiny_model(family: str, seed: int = 0, router_scale: float = 8.0) -> torch.n
 
 def _is_router_weight(name: str) -> bool:
     return name.endswith(("mlp.gate.weight", "mlp.router.weight", "block_sparse_moe.gate.weight",
-                          "feed_forward.router.weight"))
+                          "feed_forward.router.weight", "ffn.router.layer.weight"))
 
 
 def random_batch(vocab_size: int, batch: int = 2, seq_len: int = 12, seed: int = 0) -> torch.Tensor:
