@@ -47,8 +47,9 @@ def _rank_device() -> torch.device:
 
 def rank_batches(ids: torch.Tensor, batch_size: int, rank: int, world: int) -> list[dict[str, torch.Tensor]]:
     """This rank's batches: batch b of the single-process split goes to rank b % world."""
-    batches = [{"input_ids": ids[i : i + batch_size]} for i in range(0, ids.shape[0], batch_size)]
-    return batches[rank::world]
+    from moeprune.engine.runner import as_batches
+
+    return as_batches(ids, batch_size)[rank::world]
 
 
 def all_reduce_stats(stats: ExpertStats) -> ExpertStats:

@@ -209,15 +209,11 @@ def calibrate(
     `data` is a LongTensor of token ids [n, seq_len] (no padding) or an iterable of batches with
     `input_ids` and optional `attention_mask`.
     """
-    if isinstance(data, torch.Tensor):
-        if data.dim() != 2:
-            raise ValueError(f"calibration ids must be [samples, seq_len], got shape {tuple(data.shape)}")
-        batches = [{"input_ids": data[i : i + batch_size]} for i in range(0, data.shape[0], batch_size)]
-        sequences, seq_len = data.shape
-    else:
-        batches = list(data)
-        sequences = sum(b["input_ids"].shape[0] for b in batches)
-        seq_len = max(b["input_ids"].shape[1] for b in batches) if batches else 0
+    from moeprune.engine.runner import as_batches  # the one batching function of the layer-wise paths
+
+    batches = as_batches(data, batch_size)
+    sequences = sum(b["input_ids"].shape[0] for b in batches)
+    seq_len = max(b["input_ids"].shape[1] for b in batches) if batches else 0
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
