@@ -78,7 +78,7 @@ def prune(
     device = resolve_device(recipe.device)  # a missing GPU fails here, before loading
     if model is None or recipe.device != "auto":  # a model handed in stays where it is unless asked
         if model is None:
-            model, tokenizer, source_path = load_model(recipe.model, dtype=recipe.dtype)
+            model, tokenizer, source_path = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
         move_model(model, device)
     if tokenizer is None:
         raise ValueError("calibration needs a tokenizer; the model directory has none")

@@ -7,6 +7,7 @@
 # 1. calibration benchmark on the GPU (float32 and bfloat16): observer vs plain forward (<= 1.3x);
 # 2. a streamed prune (--offload) and an in-memory prune of the same tiny bf16 checkpoint on the
 #    GPU: same plan, outputs in bf16, both reload;
+# 2b. with 2+ GPUs: an in-memory prune with --device auto spread over them (device_map), same plan;
 # 3. the device/dtype contract tests and the streamed == in-memory tests, on the GPU
 #    (MOEPRUNE_TEST_DEVICE=cuda) where they take a device, on the CPU otherwise.
 # Each step prints its figures; the script stops at the first failure.
@@ -64,6 +65,35 @@ for name in ("streamed", "in_memory"):
 assert same, "streamed and in-memory plans differ"
 PY
 
+GPUS=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+if [ "$GPUS" -ge 2 ]; then
+  echo "== 2b. in-memory prune spread over $GPUS GPUs (--device auto: accelerate device_map)"
+  python - "$OUT" <<'PY'
+import sys
+from pathlib import Path
+import torch
+from moeprune.devices import device_map_for, is_spread
+from moeprune.io.loading import load_model
+out = Path(sys.argv[1])
+model = load_model(str(out / "bf16"), device="auto")[0]
+print("device_map_for(auto) =", device_map_for("auto"), "; spread:", is_spread(model), "; devices:", sorted(set(map(str, model.hf_device_map.values()))))
+assert device_map_for("auto") == "auto" and hasattr(model, "hf_device_map")
+PY
+  $TIMER moeprune prune "$OUT/bf16" --calibration "$OUT/calib.txt" --samples 16 --seq-len 64 --strategy frequency --ratio 0.5 \
+    --device auto --no-offload -o "$OUT/multi_gpu" 2> "$OUT/time_multi_gpu.txt"
+  python - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+a = json.loads((out / "multi_gpu" / "moeprune_plan.json").read_text())["layers"]
+b = json.loads((out / "in_memory" / "moeprune_plan.json").read_text())["layers"]
+print("plans equal (spread over GPUs vs one GPU):", all(a[k]["kept"] == b[k]["kept"] for k in a))
+assert all(a[k]["kept"] == b[k]["kept"] for k in a)
+PY
+else
+  echo "== 2b. skipped: $GPUS GPU(s) visible; the spread (device_map) run needs 2 or more"
+fi
+
 echo "== 3. contract tests on $DEVICE"
-MOEPRUNE_TEST_DEVICE="$DEVICE" python -m pytest -q -x tests/test_devices.py tests/test_streaming.py tests/test_plan_operations.py
+MOEPRUNE_TEST_DEVICE="$DEVICE" python -m pytest -q -x tests/test_devices.py tests/test_device_map.py tests/test_streaming.py tests/test_plan_operations.py
 echo "gpu_check: all passed; outputs in $OUT"

@@ -29,7 +29,7 @@ def _load(path: str):
 
     from moeprune.devices import move_model, resolve_device
 
-    model, tokenizer, _ = load_model(path, dtype=_LOAD["dtype"], check_moe=False)
+    model, tokenizer, _ = load_model(path, dtype=_LOAD["dtype"], check_moe=False, device=_LOAD["device"])
     return move_model(model, resolve_device(_LOAD["device"])).eval(), tokenizer
 
 

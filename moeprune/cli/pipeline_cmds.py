@@ -72,7 +72,7 @@ def calibrate_command(model, calibration, samples, seq_len, seed, batch_size, de
                                 **load_overrides, "device": device})
     out = calibration_before_load(recipe, output, overwrite)  # output and source: checked before loading
     where = resolve_device(recipe.device)  # a missing GPU fails before loading
-    loaded, tokenizer, _ = load_model(recipe.model, dtype=recipe.dtype)
+    loaded, tokenizer, _ = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
     move_model(loaded, where)
     cal = recipe.calibration
     fingerprint = calibration_after_load(recipe, loaded)  # seq-len warning, NaN/Inf weights, fingerprint
@@ -211,7 +211,7 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
     if recipe.evaluate:
         from moeprune.cli.prune_eval import heldout_perplexities
 
-        loaded, tokenizer, _ = load_model(recipe.model, dtype=recipe.dtype)
+        loaded, tokenizer, _ = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
         move_model(loaded, resolve_device(recipe.device))
         dense_ppl = heldout_perplexities(loaded, tokenizer, recipe.eval_max_tokens)
         result = prune(recipe, model=loaded, tokenizer=tokenizer, overwrite=overwrite)

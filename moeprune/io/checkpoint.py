@@ -108,7 +108,10 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype | None = "auto", **kw
     exact rebuild for non-uniform ones; extensions (e.g. novices) are restored by their modules.
 
     `dtype="auto"` keeps the checkpoint's dtype; repository code runs only with
-    `trust_remote_code=True` (default: the process-wide `loading.trust_remote_code()`, off)."""
+    `trust_remote_code=True` (default: the process-wide `loading.trust_remote_code()`, off).
+    `device_map="auto"` spreads the model over the visible GPUs: stock checkpoints through
+    `from_pretrained(device_map=...)`, the others (non-uniform, novices, dynamic skipping) are
+    built on the CPU and then dispatched (`_dispatch`), so their extensions are in place first."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moeprune.io.loading import resolve_dtype, trust_remote_code
@@ -119,7 +122,13 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype | None = "auto", **kw
     dtype = resolve_dtype(dtype, path)
     kwargs.setdefault("trust_remote_code", trust_remote_code())
     config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs["trust_remote_code"])
-    if getattr(config, PER_LAYER_KEY, None) or getattr(config, LAYER_WIDTH_KEY, None):
+    non_uniform = getattr(config, PER_LAYER_KEY, None) or getattr(config, LAYER_WIDTH_KEY, None)
+    device_map = kwargs.pop("device_map", None)
+    if device_map is not None and not (non_uniform or getattr(config, "moeprune_novices", None)
+                                       or getattr(config, "moeprune_dynamic_skip", None)):
+        kwargs["device_map"] = device_map  # stock: weights go straight to their GPUs
+        device_map = None
+    if non_uniform:
         model = _load_non_uniform(path, config, dtype, kwargs["trust_remote_code"])
     else:
         if getattr(config, "moeprune_novices", None):
@@ -130,7 +139,23 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype | None = "auto", **kw
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     _restore_extensions(model, path)
+    if device_map is not None:
+        _dispatch(model)
     return model.eval()
+
+
+def _dispatch(model: nn.Module) -> nn.Module:
+    """Spread a model built on the CPU over the visible GPUs as `device_map="auto"` would
+    (balanced, decoder layers never split); accelerate's hooks move activations between them."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    memory = get_balanced_memory(model, no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    dispatch_model(model, device_map=device_map)
+    model.hf_device_map = dict(device_map)
+    return model
 
 
 def _quietly(load):

@@ -151,28 +151,33 @@ def check_local_checkpoint(path: Path) -> None:
 
 def load_model(
     spec: str = BUNDLED, dtype: str | torch.dtype | None = "auto", check_moe: bool = True,
-    trust_remote_code: bool | None = None,
+    trust_remote_code: bool | None = None, device: str | torch.device | None = None,
 ) -> tuple[Any, Any, str]:
     """(model, tokenizer or None, resolved path). Raises NotAnMoEModelError for dense models.
 
     `dtype="auto"` loads in the checkpoint's own dtype; `trust_remote_code=None` means the
-    process-wide setting (`set_trust_remote_code`, off by default)."""
+    process-wide setting (`set_trust_remote_code`, off by default). `device="auto"` with two or
+    more visible GPUs loads the model spread over them (`devices.device_map_for`); otherwise the
+    model loads on the CPU and the caller moves it (`devices.move_model`, a no-op when spread)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from moeprune.devices import device_map_for
     from moeprune.io.checkpoint import load_pruned
 
+    device_map = device_map_for(device) if device is not None else None
+    spread = {"device_map": device_map} if device_map else {}
     remote = _TRUST_REMOTE_CODE if trust_remote_code is None else bool(trust_remote_code)
     path = resolve_model_path(spec)
     local = Path(path).expanduser()
     if local.exists():
         check_local_checkpoint(local)
-        model = load_pruned(local, dtype=resolve_dtype(dtype, local), trust_remote_code=remote)
+        model = load_pruned(local, dtype=resolve_dtype(dtype, local), trust_remote_code=remote, **spread)
     elif looks_like_local_path(path):
         raise FileNotFoundError(f"model path {path} does not exist; give an existing checkpoint directory")
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype) if dtype != "auto" else "auto",
-                                                         trust_remote_code=remote).eval()
+                                                         trust_remote_code=remote, **spread).eval()
         except OSError as err:
             raise FileNotFoundError(f"{path} is neither a local directory nor a reachable hub model ({str(err).splitlines()[0]})") from err
     try:
