@@ -283,7 +283,7 @@ def plot(summary: list[dict[str, Any]], path: Path, metric: str = RANK_METRIC) -
     import matplotlib.pyplot as plt
 
     models = sorted({s["model"] for s in summary})
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(9 * len(models), 5.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         rows = [s for s in summary if s["model"] == model and s["calib_tokens"] in (0, 16384) and metric in s]
         if len({s["ratio"] for s in rows if s["strategy"] != "dense"}) == 1:  # one ratio: strategies side by side
@@ -306,8 +306,8 @@ def plot(summary: list[dict[str, Any]], path: Path, metric: str = RANK_METRIC) -
             if s["strategy"] == "dense":
                 ax.axhline(s[metric], color="black", linestyle=":", label="dense")
         ax.set(title=f"{model.removeprefix('builtin:')}: {metric} (mean ± half-range over seeds)",
-               xlabel="share of experts removed", ylabel=metric, yscale="log")
-        ax.legend(fontsize=7)
+               xlabel="share of experts removed (slimming: share of expert weights)", ylabel=metric, yscale="log")
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
