@@ -8,7 +8,9 @@ type) and passes the hidden states through, so nothing is re-derived by hand. Th
 layer is loaded from the shards (`lazy_reader.materialise`, the same key conversions as
 `from_pretrained`), the cached hidden states of every batch go through it with the `Observer`'s
 hooks attached (they were attached to the meta model once; they fire on the loaded layer), the
-layer is sent back to meta, and its outputs become the next layer's inputs.
+layer is sent back to meta, and its outputs become the next layer's inputs. While a layer runs, the
+next layer's bytes are read ahead into the page cache (`prefetch.Prefetcher`, one layer ahead,
+nothing held in the process), so its load overlaps this layer's compute.
 
 Hidden states live in an `ActivationStore`: in memory up to a budget, spilled to disk beyond it.
 With a work directory, each finished layer is committed (`resume.WorkDir`) so a killed run
@@ -34,6 +36,7 @@ from moeprune.calibration.stats import ExpertStats
 from moeprune.nonfinite import check_loaded
 from moeprune.engine.runner import LayerRunner, as_batches, capture_calls, decoder_layers
 from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
+from moeprune.streaming.prefetch import Prefetcher
 from moeprune.streaming.resume import WorkDir, load_activation, save_activation, tensor_digest
 from moeprune.streaming.writer import parse_size
 
@@ -188,7 +191,10 @@ def streamed_calibrate(
         if done >= 0:
             current = ActivationStore.from_directory(work.acts_dir(done), len(batches), budget)
 
+        ahead = Prefetcher(ckpt.shards, {i: keymap.keys_under(f"{prefix}.{i}") for i in range(done + 1, len(layers))})
+
         def load(index: int) -> None:
+            ahead.ready(index)  # layer index's bytes were read ahead while the previous layer ran
             names[:] = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
             check_loaded(model, names)  # NaN/Inf in the layer just read: one line naming tensor and expert
             _to_device(model, names, device)
@@ -211,7 +217,11 @@ def streamed_calibrate(
         names: list[str] = []
         runner = LayerRunner(layers, calls, device, load=load, release=lambda index: release(model, names),
                              before_batch=lambda b: observer.set_mask(batches[b].get("attention_mask")), host=True)
-        runner.run(current, start=done + 1, new_store=new_store, after=after, progress=progress, desc="calibrating layers")
+        try:
+            runner.run(current, start=done + 1, new_store=new_store, after=after, progress=progress,
+                       desc="calibrating layers")
+        finally:
+            ahead.close()
         load_s, forward_s = runner.seconds["load"], runner.seconds["forward"]
         if work is not None:
             shutil.rmtree(first_dir, ignore_errors=True)
