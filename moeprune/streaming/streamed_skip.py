@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from moeprune.adapters import find_moe_layers
+from moeprune.engine.runner import LayerRunner, as_batches
 from moeprune.apply.dynamic_skip import CONFIG_KEY, GateRatios, fitted_entry
 from moeprune.io.checkpoint import LAYER_WIDTH_KEY, PER_LAYER_KEY, PLAN_FILE
 from moeprune.io.output_policy import write_text_atomic
@@ -72,7 +72,7 @@ def streamed_gate_ratios(
     keymap = KeyMap(model, ckpt.keys())
     prefix, layers = decoder_layers(model)
     budget = parse_size(memory_budget) // 2
-    batches = [ids[i : i + batch_size] for i in range(0, ids.shape[0], batch_size)]
+    batches = as_batches(ids, batch_size)
     recorder = GateRatios(find_moe_layers(model))  # hooks on the skeleton's modules fire on each loaded layer
     try:
         with tempfile.TemporaryDirectory(prefix="moeprune-skip-") as scratch, recorder:
@@ -82,23 +82,25 @@ def streamed_gate_ratios(
             current.directory.mkdir()
             calls = []
             for b, batch in enumerate(batches):
-                hidden, batch_calls = _capture_inputs(model, layers, {"input_ids": batch}, device)
+                hidden, batch_calls = _capture_inputs(model, layers, batch, device)
                 calls.append(batch_calls)
                 current.put(b, _to_host(hidden))
             release(model, embed)
-            for index in tqdm(range(len(layers)), desc="dynamic-skip betas", unit="layer", disable=not progress):
-                names = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
+            names: list[str] = []
+
+            def load(index: int) -> None:
+                names[:] = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
                 _to_device(model, names, device)
+
+            def new_store(index: int) -> ActivationStore:
                 outputs = ActivationStore(Path(scratch) / f"out{index % 2}", budget)
                 outputs.directory.mkdir(exist_ok=True)
                 for f in outputs.directory.glob("*.safetensors"):
                     f.unlink()
-                for b in range(len(batches)):
-                    args, kwargs = calls[b][index]
-                    out = layers[index](current.get(b).to(device), *args, **kwargs)
-                    outputs.put(b, _to_host(out[0] if isinstance(out, tuple) else out))
-                release(model, names)
-                current = outputs
+                return outputs
+
+            runner = LayerRunner(layers, calls, device, load=load, release=lambda index: release(model, names), host=True)
+            runner.run(current, new_store=new_store, progress=progress, desc="dynamic-skip betas")
     finally:
         ckpt.close()
     return recorder.result()
