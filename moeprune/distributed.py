@@ -90,7 +90,7 @@ def distributed_calibrate(
     batches = rank_batches(ids, batch_size, rank, world)
     if offload:
         from moeprune.io.loading import resolve_model_path
-        from moeprune.streaming.layerwise import streamed_calibrate
+        from moeprune.calibration.streamed import streamed_calibrate
 
         rank_dir = None if work_dir is None else Path(work_dir) / f"rank{rank}-of-{world}"
         stats = streamed_calibrate(
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             result = plan(stats, args.strategy or "reap", args.ratio)
             if args.offload:
                 from moeprune.io.loading import resolve_model_path
-                from moeprune.streaming.streamed_apply import streamed_apply
+                from moeprune.apply.streamed import streamed_apply
 
                 out = streamed_apply(resolve_model_path(args.model), result, args.prune_output,
                                      overwrite=args.overwrite, progress=not args.quiet)

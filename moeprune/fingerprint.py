@@ -60,8 +60,8 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
 
 def checkpoint_fingerprint(path: str | Path) -> dict[str, Any]:
     """Fingerprint of a safetensors checkpoint directory, reading only the router tensors."""
-    from moeprune.streaming.layerwise import build_skeleton
-    from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint
+    from moeprune.engine.skeleton import build_skeleton
+    from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint
 
     path = Path(path)
     model = build_skeleton(path)

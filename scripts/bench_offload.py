@@ -33,7 +33,7 @@ def _rss_mb() -> float:
 
 
 def child_read(path: str) -> dict:
-    from moeprune.streaming.lazy_reader import LazyCheckpoint
+    from moeprune.io.lazy_reader import LazyCheckpoint
 
     start = time.perf_counter()
     ckpt = LazyCheckpoint(path)
@@ -45,7 +45,7 @@ def child_read(path: str) -> dict:
 def child_write(path: str, nbytes: int) -> dict:
     import torch
 
-    from moeprune.streaming.writer import ShardedWriter
+    from moeprune.io.sharded_writer import ShardedWriter
 
     block = torch.zeros(64 * 2**20, dtype=torch.uint8)
     out = Path(path)
@@ -67,8 +67,8 @@ def child_prune(path: str, out: str, args: argparse.Namespace) -> dict:
     import torch
 
     from moeprune.strategies import plan
-    from moeprune.streaming.layerwise import streamed_calibrate
-    from moeprune.streaming.streamed_apply import streamed_apply
+    from moeprune.calibration.streamed import streamed_calibrate
+    from moeprune.apply.streamed import streamed_apply
 
     ids = torch.randint(0, 256, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
@@ -87,8 +87,8 @@ def child_prune(path: str, out: str, args: argparse.Namespace) -> dict:
 
 
 def child_import() -> dict:
-    import moeprune.streaming.layerwise  # noqa: F401
-    import moeprune.streaming.streamed_apply  # noqa: F401
+    import moeprune.calibration.streamed  # noqa: F401
+    import moeprune.apply.streamed  # noqa: F401
 
     return {"peak_rss_mb": _rss_mb()}
 

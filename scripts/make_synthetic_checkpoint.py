@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moeprune.streaming.writer import ShardedWriter
+from moeprune.io.sharded_writer import ShardedWriter
 from moeprune.testing.tiny_tokenizer import byte_tokenizer
 
 logger = logging.getLogger(__name__)

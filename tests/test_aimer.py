@@ -94,8 +94,8 @@ def test_offload_reads_only_experts_and_equals_in_memory(monkeypatch, tmp_path, 
 
     from moeprune.config import PruneRecipe
     from moeprune.io.loading import load_model
-    from moeprune.streaming.expert_reader import LazyExpertWeights
-    from moeprune.streaming.pipeline import prune_offloaded
+    from moeprune.engine.expert_reader import LazyExpertWeights
+    from moeprune.pipeline.offloaded import prune_offloaded
 
     path = save_tiny_checkpoint(family, tmp_path / "model", max_shard_size="40KB")
     with LazyExpertWeights(path) as weights:

@@ -23,8 +23,8 @@ from moeprune.io.loading import load_model
 from moeprune.io.safetensors_io import read_checkpoint_tensors
 from moeprune.plan import Plan, PlanError
 from moeprune.strategies import available_strategies, get_strategy, plan as make_plan
-from moeprune.streaming.layerwise import streamed_calibrate
-from moeprune.streaming.streamed_apply import streamed_apply
+from moeprune.calibration.streamed import streamed_calibrate
+from moeprune.apply.streamed import streamed_apply
 from moeprune.testing.checks import safetensors_bytes
 from moeprune.testing.tiny_models import random_batch, save_tiny_checkpoint
 
@@ -77,7 +77,7 @@ def test_streamed_equals_in_memory(strategy, params, ratio, family, checkpoints,
     streamed_stats = streamed_calibrate(src, IDS, batch_size=4, dense_tokens=spec.dense_tokens, progress=False)
     assert streamed_stats.digest() == stats.digest()
     if spec.needs_weights:  # what prune_offloaded passes: the shards, one MoE layer at a time
-        from moeprune.streaming.expert_reader import LazyExpertWeights
+        from moeprune.engine.expert_reader import LazyExpertWeights
 
         with LazyExpertWeights(src) as weights:
             streamed = make_plan(streamed_stats, strategy, ratio, model=weights, **params)
@@ -114,8 +114,8 @@ def test_the_table_covers_every_builtin():
 
 def test_in_memory_only_strategies_are_refused_before_calibration(checkpoints, tmp_path, monkeypatch):
     from moeprune.strategies import registry
-    from moeprune.streaming import layerwise
-    from moeprune.streaming.pipeline import prune_offloaded
+    from moeprune.calibration import streamed as layerwise
+    from moeprune.pipeline.offloaded import prune_offloaded
 
     strategy = "test-in-memory-only"
     base = get_strategy("frequency")
@@ -135,7 +135,7 @@ def test_in_memory_only_strategies_are_refused_before_calibration(checkpoints, t
 def test_offloaded_prune_with_weights_equals_in_memory(checkpoints, tmp_path):
     """The whole `--offload` pipeline for a strategy that reads weights (stun)."""
     from moeprune.api import prune
-    from moeprune.streaming.pipeline import prune_offloaded
+    from moeprune.pipeline.offloaded import prune_offloaded
 
     src = checkpoints["gpt_oss"]
     (tmp_path / "calib.txt").write_text("\n\n".join(f"def f{i}(x):\n    return x * {i}" for i in range(80)))

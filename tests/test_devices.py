@@ -93,13 +93,13 @@ def test_cpu_device_runs_prune_and_calibrate(tmp_path):
 
 def test_streamed_skeleton_buffers_follow_the_device(tmp_path):
     # The rotary tables are real tensors in the meta skeleton; they must move with the compute device.
-    from moeprune.streaming.layerwise import _resident_to_device, build_skeleton
+    from moeprune.engine.skeleton import build_skeleton, resident_to_device
 
     save_tiny_checkpoint("qwen3_moe", tmp_path / "model")
     model = build_skeleton(tmp_path / "model")
     real = [n for n, b in model.named_buffers() if b.device.type != "meta"]
     assert real, "expected real buffers (rotary inv_freq) in the skeleton"
-    _resident_to_device(model, torch.device("meta"))  # any non-CPU device takes the same path as CUDA
+    resident_to_device(model, torch.device("meta"))  # any non-CPU device takes the same path as CUDA
     assert all(b.device.type == "meta" for b in model.buffers())
 
 
@@ -122,7 +122,7 @@ def _bf16_checkpoint(tmp_path, family: str = "qwen3_moe"):
 def test_streamed_layers_compute_in_the_checkpoint_dtype(tmp_path, monkeypatch, family):
     from moeprune.calibration.observer import calibrate
     from moeprune.io.loading import load_model
-    from moeprune.streaming import layerwise
+    from moeprune.calibration import streamed as layerwise
     from moeprune.testing.tiny_models import random_batch
 
     path = _bf16_checkpoint(tmp_path, family)

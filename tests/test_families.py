@@ -116,7 +116,7 @@ def test_unsupported_families_are_refused_in_one_line(family):
 
 
 def test_dbrx_shim_keeps_the_stock_state_dict_and_refuses_offload(tmp_path):
-    from moeprune.streaming.lazy_reader import KeyMap
+    from moeprune.io.lazy_reader import KeyMap
     from moeprune.testing.tiny_models import save_tiny_checkpoint
     from safetensors.torch import load_file
 

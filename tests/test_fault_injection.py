@@ -30,7 +30,7 @@ from moeprune.io.output_policy import COMPLETE_MARKER, OutputPathError
 from moeprune.io.safetensors_io import CorruptCheckpointError
 from moeprune.nonfinite import NonFiniteError
 from moeprune.plan import PlanError
-from moeprune.streaming.resume import ResumeError
+from moeprune.calibration.work_dir import ResumeError
 from moeprune.testing.tiny_models import save_tiny_checkpoint
 
 TEXT = "\n\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}  # document {i}" for i in range(60))
@@ -496,7 +496,7 @@ def test_killed_publish_keeps_the_previous_output_recoverable(base, tmp_path, mo
 def test_resume_refuses_a_checkpoint_rewritten_in_place(base, tmp_path):
     """Same shard names and sizes, other weights: the content fingerprint differs."""
     from moeprune.calibration.data import pack_documents
-    from moeprune.streaming.layerwise import streamed_calibrate
+    from moeprune.calibration.streamed import streamed_calibrate
     from moeprune.testing.tiny_tokenizer import byte_tokenizer
 
     model = copy_model(base, tmp_path)

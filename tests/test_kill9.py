@@ -47,7 +47,7 @@ if phase == "calibration":
     from moeprune.calibration.observer import Observer
     kill_on_call(Observer, "set_mask", 2)
 elif phase == "calibration_offload":
-    from moeprune.streaming.resume import WorkDir
+    from moeprune.calibration.work_dir import WorkDir
     commit = WorkDir.commit
     def committed(self, *args, **kwargs):
         commit(self, *args, **kwargs)
@@ -58,7 +58,7 @@ elif phase == "surgery":
     import moeprune
     kill_on_call(importlib.import_module("moeprune.apply.surgery"), "slice_layer", 2)
 elif phase == "surgery_offload":
-    from moeprune.streaming.writer import ShardedWriter
+    from moeprune.io.sharded_writer import ShardedWriter
     kill_on_call(ShardedWriter, "add", 5)
 elif phase in ("publish", "publish_offload"):
     replace = os.replace

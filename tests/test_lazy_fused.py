@@ -8,8 +8,8 @@ from copy import deepcopy
 import pytest
 import torch
 
-from moeprune.streaming.layerwise import build_skeleton
-from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint
+from moeprune.engine.skeleton import build_skeleton
+from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint
 from moeprune.testing.tiny_models import save_tiny_checkpoint
 
 

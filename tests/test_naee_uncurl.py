@@ -18,7 +18,7 @@ from moeprune.plan import PlanError
 from moeprune.strategies import get_strategy, plan
 from moeprune.strategies.naee import LayerSample, search_exact, search_greedy
 from moeprune.strategies.uncurl import spectral_clusters
-from moeprune.streaming.layerwise import streamed_calibrate
+from moeprune.calibration.streamed import streamed_calibrate
 from moeprune.testing.tiny_models import random_batch, save_tiny_checkpoint, tiny_model
 
 

@@ -78,7 +78,7 @@ def _recipes(root: Path, tmp_path: Path, family: str, **extra) -> tuple:
 
 def _prune_both(root: Path, tmp_path: Path, family: str, **extra):
     from moeprune.api import prune
-    from moeprune.streaming.pipeline import prune_offloaded
+    from moeprune.pipeline.offloaded import prune_offloaded
 
     in_memory, streamed = _recipes(root, tmp_path, family, **extra)
     mem = prune(in_memory, progress=False)

@@ -111,10 +111,12 @@ def test_bad_operations_fail_naming_the_layer(change, message):
 
 
 def test_apply_never_reads_strategy_params():
-    # The executors act on LayerPlan fields; no `params[...]` / `params.get(...)` left in them.
-    sources = [*sorted((ROOT / "apply").glob("*.py")), ROOT / "streaming" / "streamed_apply.py"]
+    # The executors (in memory and streamed, all in apply/) act on LayerPlan fields; they read no
+    # `params[...]` / `params.get(...)` (writing a method's report into the plan's params is fine).
+    sources = sorted((ROOT / "apply").glob("*.py"))
+    assert ROOT / "apply" / "streamed.py" in sources
     for path in sources:
         text = path.read_text()
-        assert not re.search(r"params(\.get\(|\[)", text), path.name
+        assert not re.search(r"params(\.get\(|\[[^\]]*\](?!\s*=[^=]))", text), path.name
         for key in ("dern_threshold", '"merge_align"', '"merge_router"', '"novice_vectors"'):
             assert key not in text, (path.name, key)

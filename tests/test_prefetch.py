@@ -1,4 +1,4 @@
-"""`streaming.prefetch`: the read ahead fetches exactly the bytes of the next unit's tensors, stays one
+"""`io.prefetch`: the read ahead fetches exactly the bytes of the next unit's tensors, stays one
 unit ahead, survives a broken shard, and a streamed prune writes the same bytes with and without it."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from moeprune.plan import LayerPlan, Plan
-from moeprune.streaming.lazy_reader import LazyCheckpoint
-from moeprune.streaming.prefetch import Prefetcher, byte_ranges, shard_offsets
-from moeprune.streaming.streamed_apply import COMPLETE_MARKER, streamed_apply
-from moeprune.streaming.writer import ShardedWriter
+from moeprune.io.lazy_reader import LazyCheckpoint
+from moeprune.io.prefetch import Prefetcher, byte_ranges, shard_offsets
+from moeprune.apply.streamed import COMPLETE_MARKER, streamed_apply
+from moeprune.io.sharded_writer import ShardedWriter
 from moeprune.testing.tiny_models import save_tiny_checkpoint
 
 

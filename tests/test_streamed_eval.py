@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from moeprune.cli import main
 from moeprune.evaluation.perplexity import nll_from_ids
 from moeprune.io.loading import load_model
-from moeprune.streaming.streamed_eval import check_streamable_output, streamed_nll
+from moeprune.evaluation.streamed_perplexity import check_streamable_output, streamed_nll
 from moeprune.testing.tiny_models import random_batch, save_tiny_checkpoint
 
 

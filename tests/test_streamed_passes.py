@@ -1,4 +1,4 @@
-"""Streamed sparsify and layer-local router KD (`streaming/streamed_passes.py`) equal the in-memory path.
+"""Streamed sparsify and layer-local router KD (`apply/streamed_passes.py`) equal the in-memory path.
 
 Tiny multi-shard checkpoints; the same plan applied in memory (then `sparsify` / `run_router_kd`,
 saved with `save_pruned`) and streamed (`streamed_apply` with `LayerPasses`): every output tensor
@@ -22,8 +22,8 @@ from moeprune.io.safetensors_io import read_checkpoint_tensors
 from moeprune.recover.config import RouterKDConfig
 from moeprune.sparsify.run import sparsify, sparsify_job
 from moeprune.strategies import plan as make_plan
-from moeprune.streaming.streamed_apply import streamed_apply
-from moeprune.streaming.streamed_passes import LayerPasses, LocalKD
+from moeprune.apply.streamed import streamed_apply
+from moeprune.apply.streamed_passes import LayerPasses, LocalKD
 from moeprune.testing.tiny_models import random_batch, save_tiny_checkpoint
 
 IDS = random_batch(272, 6, 16, seed=1)

@@ -15,9 +15,10 @@ from moeprune.io.loading import load_model
 from moeprune.io.safetensors_io import CorruptCheckpointError, read_checkpoint_tensors
 from moeprune.plan import Plan
 from moeprune.strategies import plan as make_plan
-from moeprune.streaming.layerwise import ActivationStore, streamed_calibrate
-from moeprune.streaming.lazy_reader import LazyCheckpoint
-from moeprune.streaming.streamed_apply import COMPLETE_MARKER, streamed_apply
+from moeprune.calibration.streamed import streamed_calibrate
+from moeprune.engine.activations import ActivationStore
+from moeprune.io.lazy_reader import LazyCheckpoint
+from moeprune.apply.streamed import COMPLETE_MARKER, streamed_apply
 from moeprune.testing.tiny_models import random_batch, save_tiny_checkpoint
 
 FAMILIES = ["qwen3_moe", "gpt_oss", "deepseek_v3"]
@@ -121,7 +122,7 @@ def test_resume_after_kill(checkpoints, ids, reference, tmp_path):
 
 
 def test_resume_refuses_other_data(checkpoints, ids, tmp_path):
-    from moeprune.streaming.resume import ResumeError
+    from moeprune.calibration.work_dir import ResumeError
 
     path, work = checkpoints["qwen3_moe"], tmp_path / "work"
     streamed_calibrate(path, ids, batch_size=4, progress=False, work_dir=work)

@@ -9,9 +9,9 @@ import torch
 from click.testing import CliRunner
 
 from moeprune.io.safetensors_io import read_checkpoint_tensors
-from moeprune.streaming import pipeline
-from moeprune.streaming.lazy_reader import LazyCheckpoint
-from moeprune.streaming.writer import ShardedWriter, parse_size
+from moeprune.pipeline import offloaded as pipeline
+from moeprune.io.lazy_reader import LazyCheckpoint
+from moeprune.io.sharded_writer import ShardedWriter, parse_size
 from moeprune.testing.tiny_models import save_tiny_checkpoint
 
 
@@ -38,7 +38,7 @@ def test_writer_bounds_shards_and_writes_index(tmp_path):
 
 
 def test_writer_rewrites_a_shard_whose_header_outgrows_the_reserve(tmp_path, monkeypatch):
-    from moeprune.streaming import writer as writer_module
+    from moeprune.io import sharded_writer as writer_module
 
     monkeypatch.setattr(writer_module, "HEADER_RESERVE", 64)
     tensors = {f"tensor_{i}": torch.randn(3, dtype=torch.float64).to(torch.bfloat16) for i in range(4)}

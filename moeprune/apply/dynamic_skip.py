@@ -53,7 +53,7 @@ def _experts_weights(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Ten
 class GateRatios:
     """Pre-hooks on every MoE layer's experts recording w_(2) / w_(1) of each token's selected gates
     (and the gate sums, to tell whether the router renormalises). Works on any model whose layers
-    run while attached, loaded or streamed one layer at a time (`streaming.streamed_skip`)."""
+    run while attached, loaded or streamed one layer at a time (`apply.streamed_skip`)."""
 
     def __init__(self, layers: list) -> None:
         if layers[0].routing.top_k < 2:

@@ -186,14 +186,14 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
     offload = prune_before_load(recipe, offload, resume, work_dir, overwrite)  # output and inputs: before any work
     if offload is None and not recipe.evaluate and (recipe.router_kd is None or recipe.router_kd.steps == 0):
         from moeprune.io.loading import resolve_model_path
-        from moeprune.streaming.pipeline import should_offload
+        from moeprune.pipeline.offloaded import should_offload
 
         offload = should_offload(resolve_model_path(recipe.model), dtype=recipe.dtype)
     if offload:
-        from moeprune.streaming.pipeline import prune_offloaded
+        from moeprune.pipeline.offloaded import prune_offloaded
 
         if recipe.router_kd is not None and recipe.router_kd.steps > 0:  # --router-kd-local streams
-            from moeprune.streaming.streamed_passes import GLOBAL_KD_REFUSAL
+            from moeprune.apply.streamed_passes import GLOBAL_KD_REFUSAL
 
             raise click.UsageError(GLOBAL_KD_REFUSAL)
         if recipe.strategy == "auto":
@@ -202,7 +202,7 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
         click.echo(f"strategy {recipe.strategy}, ratio {recipe.ratio}: experts per layer {result.plan.experts_per_layer}")
         _describe_methods(result.plan.params)
         click.echo(f"wrote {result.output} (streamed)")
-        if recipe.evaluate:  # both checkpoints streamed layer by layer (moeprune.streaming.streamed_eval)
+        if recipe.evaluate:  # both checkpoints streamed layer by layer (moeprune.evaluation.streamed_perplexity)
             from moeprune.cli.prune_eval import report_streamed_eval
 
             report_streamed_eval(recipe, result.output, memory_budget, click.echo)

@@ -1,7 +1,7 @@
 """`moeprune plan MODEL --strategy aimer`: a plan from expert weights alone, no statistics file.
 
 Calibration-free strategies (`needs_calibration=False`) read only the routed-expert weights,
-streamed one MoE layer at a time from the shards (`streaming.expert_reader.plan_from_weights`),
+streamed one MoE layer at a time from the shards (`pipeline.offloaded.plan_from_weights`),
 so the checkpoint is never loaded whole and no calibration runs.
 """
 
@@ -18,7 +18,7 @@ def plan_data_free(model: str, strategy: str, ratio: float | None, params: dict[
 
     from moeprune.io.loading import check_local_checkpoint, resolve_model_path
     from moeprune.io.output_policy import check_output
-    from moeprune.streaming.expert_reader import plan_from_weights
+    from moeprune.pipeline.offloaded import plan_from_weights
 
     path = Path(resolve_model_path(model))
     if not path.is_dir():

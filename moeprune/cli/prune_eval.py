@@ -9,7 +9,7 @@ from moeprune.evaluation.perplexity import perplexity
 def heldout_perplexities_streamed(path, tokenizer, max_tokens: int, seq_len: int = 256, **kwargs) -> dict[str, float]:
     """`heldout_perplexities` of checkpoint directory `path`, one decoder layer at a time."""
     from moeprune.data.texts import encode_texts
-    from moeprune.streaming.streamed_eval import streamed_perplexity
+    from moeprune.evaluation.streamed_perplexity import streamed_perplexity
 
     return {
         domain: streamed_perplexity(path, encode_texts(tokenizer, builtin_documents(domain, "heldout"), max_tokens=max_tokens),

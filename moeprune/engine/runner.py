@@ -17,7 +17,7 @@ is that loop, once:
    `release(index)` frees it (streamed: write it, send it back to meta).
 
 The in-memory model is the special case where every layer is already resident. Hidden states live
-in a store with `put(b, t)` / `get(b)` (`ListStore` here; `streaming.layerwise.ActivationStore`
+in a store with `put(b, t)` / `get(b)` (`ListStore` here; `engine.activations.ActivationStore`
 spills to disk). The package is below calibration, plan and apply: it imports only the adapters.
 """
 
@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.adapters import find_moe_layers
+from moeprune.engine.skeleton import to_host
 
 Batch = dict[str, torch.Tensor]
 Call = tuple[tuple, dict[str, Any]]  # a decoder layer's call arguments besides the hidden states
@@ -124,10 +125,6 @@ class ListStore:
 Visit = Callable[[int, nn.Module, Callable[[], None]], None]
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    return t if t.device.type == "cpu" else t.to("cpu")
-
-
 @dataclass
 class LayerRunner:
     """Visit `layers` in order with the cached `calls` ([batch][layer]) of every batch.
@@ -155,7 +152,7 @@ class LayerRunner:
             args, kwargs = batch_calls[index]
             out = layer_output(layer(inputs.get(b).to(self.device), *args, **kwargs))
             if outputs is not None:
-                outputs.put(b, _to_host(out) if self.host else out)
+                outputs.put(b, to_host(out) if self.host else out)
         self.seconds["forward"] += time.perf_counter() - tick
 
     @torch.no_grad()

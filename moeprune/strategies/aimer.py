@@ -13,7 +13,7 @@ Biases, shared experts and routers are not scored.
 
 No statistics are read (`needs_calibration=False`). `model` is a loaded model, or any object with
 an `iter_moe_layers()` method yielding `MoELayer`s whose experts are materialised while yielded
-(the offloaded reader in `moeprune.streaming.expert_reader` reads only expert weights from shards).
+(the offloaded reader in `moeprune.engine.expert_reader` reads only expert weights from shards).
 """
 
 from __future__ import annotations

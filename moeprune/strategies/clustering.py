@@ -286,7 +286,7 @@ def stun(
     """STUN stage 1; the budget is always global (`budget` is accepted and ignored).
 
     `model` is a loaded model or a streamed weights source (`iter_moe_layers(parts)`, e.g.
-    `streaming.expert_reader.LazyExpertWeights`): routers are read in one pass, each layer's
+    `engine.expert_reader.LazyExpertWeights`): routers are read in one pass, each layer's
     experts in a second, one layer at a time."""
     check_ratio(ratio)
     routing, top_k, n_group = routing_of(stats)

@@ -41,9 +41,10 @@ from moeprune.engine.runner import LayerRunner, as_batches, capture_calls, decod
 from moeprune.plan import Plan
 from moeprune.sparsify.collect import moe_by_decoder_index
 from moeprune.sparsify.expert_weights import expert_tensor_names
-from moeprune.streaming.layerwise import ActivationStore, _module_name, _resident_to_device, _to_device, _to_host, build_skeleton
-from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
-from moeprune.streaming.output_edits import OutputEdits
+from moeprune.engine.activations import ActivationStore
+from moeprune.engine.skeleton import build_skeleton, module_name, resident_to_device, to_device, to_host
+from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
+from moeprune.apply.output_edits import OutputEdits
 
 
 class _Chain:
@@ -58,15 +59,15 @@ class _Chain:
         self.scratch, self.budget = scratch, budget
         self.keymap = KeyMap(model, ckpt.keys())
         self.prefix, layers = decoder_layers(model)
-        _resident_to_device(model, device)
-        embed = materialise(model, self.keymap, ckpt, _module_name(model, model.get_input_embeddings()), dtype)
-        _to_device(model, embed, device)
+        resident_to_device(model, device)
+        embed = materialise(model, self.keymap, ckpt, module_name(model, model.get_input_embeddings()), dtype)
+        to_device(model, embed, device)
         self.inputs = self._store("in")
         calls = []
         for b, batch in enumerate(batches):
             hidden, batch_calls = capture_calls(model, layers, batch, device)
             calls.append(batch_calls)
-            self.inputs.put(b, _to_host(hidden))
+            self.inputs.put(b, to_host(hidden))
         release(model, embed)
         self.resident = False
         self.runner = LayerRunner(layers, calls, device, load=self._load, release=self._release, host=True)

@@ -19,8 +19,9 @@ import torch
 
 from moeprune.adapters import find_moe_layers
 from moeprune.plan import Plan
-from moeprune.streaming.layerwise import _module_name, _resident_to_device, _to_device, build_skeleton, decoder_layers
-from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
+from moeprune.engine.runner import decoder_layers
+from moeprune.engine.skeleton import build_skeleton, module_name, resident_to_device, to_device
+from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
 
 
 def streamed_pattern_plan(path: str | Path, tokenizer: Any, patterns: dict[str, Any], query: str, ratio: float,
@@ -33,16 +34,16 @@ def streamed_pattern_plan(path: str | Path, tokenizer: Any, patterns: dict[str, 
     path, device = Path(path), torch.device(device)
     dtype = resolve_dtype(dtype, path)
     model = build_skeleton(path, dtype)
-    _resident_to_device(model, device)
+    resident_to_device(model, device)
     ckpt = LazyCheckpoint(path)
     try:
         keymap = KeyMap(model, ckpt.keys())
         prefix, _ = decoder_layers(model)
         block = find_moe_layers(model)[0].block_name
         first = int(re.match(rf"^{re.escape(prefix)}\.(\d+)(\.|$)", block).group(1))  # decoder index of the first MoE layer
-        units = [_module_name(model, model.get_input_embeddings())] + [f"{prefix}.{i}" for i in range(first + 1)]
+        units = [module_name(model, model.get_input_embeddings())] + [f"{prefix}.{i}" for i in range(first + 1)]
         names = [n for unit in units for n in materialise(model, keymap, ckpt, unit, dtype)]
-        _to_device(model, names, device)
+        to_device(model, names, device)
         try:
             result = retrieve_plan(model, tokenizer, patterns, query, ratio)[0]
         finally:

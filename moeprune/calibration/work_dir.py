@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from moeprune.calibration.stats import ExpertStats, LayerStats
 
@@ -157,11 +156,3 @@ class WorkDir:
             if index <= upto:
                 result.update(ExpertStats.load(file).layers)
         return result
-
-
-def save_activation(path: Path, tensor: torch.Tensor) -> None:
-    save_file({"hidden": tensor.contiguous()}, str(path))
-
-
-def load_activation(path: Path) -> torch.Tensor:
-    return load_file(str(path))["hidden"]

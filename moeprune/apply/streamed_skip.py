@@ -27,13 +27,12 @@ from moeprune.apply.dynamic_skip import CONFIG_KEY, GateRatios, fitted_entry
 from moeprune.io.checkpoint import LAYER_WIDTH_KEY, PER_LAYER_KEY, PLAN_FILE
 from moeprune.io.output_policy import write_text_atomic
 from moeprune.plan import Plan
-from moeprune.streaming.layerwise import (
-    ActivationStore, _capture_inputs, _module_name, _resident_to_device, _to_device, _to_host, build_skeleton,
-    decoder_layers,
-)
-from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
-from moeprune.streaming.output_edits import OutputEdits
-from moeprune.streaming.writer import parse_size
+from moeprune.engine.activations import ActivationStore
+from moeprune.engine.runner import capture_calls, decoder_layers
+from moeprune.engine.skeleton import build_skeleton, module_name, resident_to_device, to_device, to_host
+from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
+from moeprune.apply.output_edits import OutputEdits
+from moeprune.io.sharded_writer import parse_size
 
 
 def output_skeleton(path: str | Path, dtype: torch.dtype) -> nn.Module:
@@ -67,7 +66,7 @@ def streamed_gate_ratios(
     path, device = Path(path), torch.device(device)
     dtype = resolve_dtype(dtype, path)
     model = output_skeleton(path, dtype)
-    _resident_to_device(model, device)
+    resident_to_device(model, device)
     ckpt = LazyCheckpoint(path)
     keymap = KeyMap(model, ckpt.keys())
     prefix, layers = decoder_layers(model)
@@ -76,21 +75,21 @@ def streamed_gate_ratios(
     recorder = GateRatios(find_moe_layers(model))  # hooks on the skeleton's modules fire on each loaded layer
     try:
         with tempfile.TemporaryDirectory(prefix="moeprune-skip-") as scratch, recorder:
-            embed = materialise(model, keymap, ckpt, _module_name(model, model.get_input_embeddings()), dtype)
-            _to_device(model, embed, device)
+            embed = materialise(model, keymap, ckpt, module_name(model, model.get_input_embeddings()), dtype)
+            to_device(model, embed, device)
             current = ActivationStore(Path(scratch) / "in", budget)
             current.directory.mkdir()
             calls = []
             for b, batch in enumerate(batches):
-                hidden, batch_calls = _capture_inputs(model, layers, batch, device)
+                hidden, batch_calls = capture_calls(model, layers, batch, device)
                 calls.append(batch_calls)
-                current.put(b, _to_host(hidden))
+                current.put(b, to_host(hidden))
             release(model, embed)
             names: list[str] = []
 
             def load(index: int) -> None:
                 names[:] = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
-                _to_device(model, names, device)
+                to_device(model, names, device)
 
             def new_store(index: int) -> ActivationStore:
                 outputs = ActivationStore(Path(scratch) / f"out{index % 2}", budget)

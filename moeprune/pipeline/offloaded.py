@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moeprune.calibration.stats import ExpertStats
 from moeprune.config import PruneRecipe
@@ -33,7 +34,7 @@ def available_memory() -> int:
 def in_memory_bytes(path: str | Path, dtype: str = "auto") -> int:
     """Approximate bytes the in-memory path needs for checkpoint `path` loaded in `dtype`."""
     from moeprune.io.loading import config_dtype, resolve_dtype
-    from moeprune.streaming.lazy_reader import LazyCheckpoint
+    from moeprune.io.lazy_reader import LazyCheckpoint
 
     path = Path(path)
     size = LazyCheckpoint(path).total_bytes()
@@ -85,20 +86,20 @@ def prune_offloaded(
     """
     from moeprune.io.loading import resolve_model_path
     from moeprune.strategies import get_strategy
-    from moeprune.streaming.streamed_apply import streamed_apply
+    from moeprune.apply.streamed import streamed_apply
 
     path = Path(resolve_model_path(recipe.model))
     if not path.is_dir():
         raise FileNotFoundError(f"--offload needs a local checkpoint directory; {recipe.model} is not one (download it first)")
     if recipe.router_kd is not None and recipe.router_kd.steps > 0:
-        from moeprune.streaming.streamed_passes import GLOBAL_KD_REFUSAL
+        from moeprune.apply.streamed_passes import GLOBAL_KD_REFUSAL
 
         raise ValueError(GLOBAL_KD_REFUSAL)
     spec = get_strategy(recipe.strategy)
     if not recipe.patterns:
         spec.check_streamable()  # before any calibration
     if recipe.slim is not None:
-        from moeprune.streaming.streamed_slim import check_streamable_slim
+        from moeprune.slimming.streamed import check_streamable_slim
 
         check_streamable_slim(recipe.slim)
     if recipe.dynamic_skip and recipe.strategy == "mone" and not recipe.patterns:  # before any calibration
@@ -127,16 +128,16 @@ def prune_offloaded(
     output = None
     if recipe.output:
         edits = []
-        if recipe.slim is not None:  # each layer slimmed as it is written (streaming/streamed_slim.py)
-            from moeprune.streaming.streamed_slim import SlimEdit
+        if recipe.slim is not None:  # each layer slimmed as it is written (slimming/streamed.py)
+            from moeprune.slimming.streamed import SlimEdit
 
             edits.append(SlimEdit(path, stats, result_plan, dtype, recipe.slim.kwargs()))
-        from moeprune.streaming.streamed_passes import layer_passes  # sparsify, local router KD: each layer as written
-        from moeprune.streaming.writer import parse_size
+        from moeprune.apply.streamed_passes import layer_passes  # sparsify, local router KD: each layer as written
+        from moeprune.io.sharded_writer import parse_size
 
         edits += layer_passes(recipe, path, result_plan, ids, tokenizer, device, parse_size(memory_budget), before=list(edits))
         if recipe.dynamic_skip:  # betas fitted on the written output before it is published
-            from moeprune.streaming.streamed_skip import DynamicSkipEdit
+            from moeprune.apply.streamed_skip import DynamicSkipEdit
 
             if any(lp.novices for lp in result_plan.layers.values()):
                 raise ValueError(_MONE_SKIP)
@@ -159,7 +160,7 @@ def _calibrate(recipe: PruneRecipe, spec, path: Path, config: dict, dtype, devic
     from moeprune.fingerprint import checkpoint_fingerprint
     from moeprune.io.output_policy import prepare_work_dir, remove_work_dir
     from moeprune.nonfinite import check_stats
-    from moeprune.streaming.layerwise import streamed_calibrate
+    from moeprune.calibration.streamed import streamed_calibrate
 
     if work_dir is not None:
         work_dir = prepare_work_dir(work_dir, inputs=[path], outputs=[recipe.output])
@@ -186,16 +187,14 @@ def _plan(recipe: PruneRecipe, spec, path: Path, stats: ExpertStats | None, dtyp
 
     if recipe.patterns:  # PreMoE: the query's nearest task pattern decides (moeprune.patterns)
         from moeprune.patterns import load_patterns
-        from moeprune.streaming.streamed_patterns import streamed_pattern_plan
+        from moeprune.pipeline.streamed_patterns import streamed_pattern_plan
 
         result = streamed_pattern_plan(path, tokenizer, load_patterns(recipe.patterns), recipe.query, recipe.ratio,
                                        dtype, device)
     elif not spec.needs_calibration:  # calibration-free (AIMER): read only expert weights from the shards
-        from moeprune.streaming.expert_reader import plan_from_weights
-
         result = plan_from_weights(path, recipe.strategy, recipe.ratio, **recipe.strategy_params())
     elif spec.needs_weights:  # stun: routers, then each layer's experts, read from the shards one layer at a time
-        from moeprune.streaming.expert_reader import LazyExpertWeights
+        from moeprune.engine.expert_reader import LazyExpertWeights
 
         with LazyExpertWeights(path, dtype) as weights:
             result = plan(stats, recipe.strategy, recipe.ratio, model=weights, **recipe.strategy_params())
@@ -232,3 +231,18 @@ def _preflight(recipe: PruneRecipe, path: Path, overwrite: bool, work_dir: str |
         work_dir = check_output(work_dir, [path, out], kind="workdir")  # created when calibration starts
     return config, dtype, work_dir
 
+
+def plan_from_weights(path: str | Path, strategy: str, ratio: float, dtype: Any = None, **params):
+    """Plan of a calibration-free strategy (AIMER) for checkpoint directory `path`, reading only its
+    routed-expert weights (plus the tiny router tensors the plan's fingerprint hashes)."""
+    from moeprune.engine.expert_reader import LazyExpertWeights
+    from moeprune.fingerprint import checkpoint_fingerprint
+    from moeprune.io.loading import resolve_dtype
+    from moeprune.strategies import get_strategy, plan
+
+    if get_strategy(strategy).needs_calibration:
+        raise ValueError(f"strategy {strategy} needs calibration statistics; pass a statistics file")
+    with LazyExpertWeights(path, resolve_dtype(dtype, path)) as weights:
+        result = plan(None, strategy, ratio, model=weights, **params)
+    result.model = checkpoint_fingerprint(path)  # binds the plan to this checkpoint, as plans from statistics are
+    return result.validate()

@@ -15,14 +15,14 @@ from typing import Iterator
 import torch
 
 from moeprune.adapters import MoELayer, find_moe_layers
-from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
+from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
 
 
 class LazyExpertWeights:
     """A weights source for strategies that read expert weights (`model=` of `plan`)."""
 
     def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
-        from moeprune.streaming.layerwise import build_skeleton
+        from moeprune.engine.skeleton import build_skeleton
 
         self.path = Path(path)
         self.dtype = dtype
@@ -57,18 +57,3 @@ class LazyExpertWeights:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def plan_from_weights(path: str | Path, strategy: str, ratio: float, dtype: torch.dtype | None = None, **params):
-    """Plan of a calibration-free strategy (AIMER) for checkpoint directory `path`, reading only its
-    routed-expert weights (plus the tiny router tensors the plan's fingerprint hashes)."""
-    from moeprune.fingerprint import checkpoint_fingerprint
-    from moeprune.io.loading import resolve_dtype
-    from moeprune.strategies import get_strategy, plan
-
-    if get_strategy(strategy).needs_calibration:
-        raise ValueError(f"strategy {strategy} needs calibration statistics; pass a statistics file")
-    with LazyExpertWeights(path, resolve_dtype(dtype, path)) as weights:
-        result = plan(None, strategy, ratio, model=weights, **params)
-    result.model = checkpoint_fingerprint(path)  # binds the plan to this checkpoint, as plans from statistics are
-    return result.validate()

@@ -24,12 +24,11 @@ from torch import nn
 
 from moeprune.engine.runner import LayerRunner
 from moeprune.evaluation.perplexity import iter_windows
-from moeprune.streaming.layerwise import (
-    ActivationStore, _capture_inputs, _module_name, _resident_to_device, _to_device, _to_host, build_skeleton,
-    decoder_layers,
-)
-from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
-from moeprune.streaming.writer import parse_size
+from moeprune.engine.activations import ActivationStore
+from moeprune.engine.runner import capture_calls, decoder_layers
+from moeprune.engine.skeleton import build_skeleton, module_name, resident_to_device, to_device, to_host
+from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
+from moeprune.io.sharded_writer import parse_size
 
 _NOT_STREAMABLE = ("moeprune_experts_per_layer", "moeprune_novices", "moeprune_expert_widths", "moeprune_dynamic_skip")
 
@@ -63,33 +62,33 @@ def streamed_nll(
     check_streamable_output(path)
     dtype = resolve_dtype(dtype, path)
     model = build_skeleton(path, dtype)
-    _resident_to_device(model, device)
+    resident_to_device(model, device)
     ckpt = LazyCheckpoint(path)
     keymap = KeyMap(model, ckpt.keys())
     prefix, layers = decoder_layers(model)
     budget = parse_size(memory_budget) // 2
     windows = list(iter_windows(ids, seq_len, batch_size))
-    embed = _module_name(model, model.get_input_embeddings())
-    head = _module_name(model, model.get_output_embeddings())
+    embed = module_name(model, model.get_input_embeddings())
+    head = module_name(model, model.get_output_embeddings())
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     try:
         with tempfile.TemporaryDirectory(prefix="moeprune-eval-") as scratch:
             names = materialise(model, keymap, ckpt, embed, dtype)
-            _to_device(model, names, device)
+            to_device(model, names, device)
             current = ActivationStore(Path(scratch) / "in", budget)
             current.directory.mkdir()
             calls = []
             for b, batch in enumerate(windows):
-                hidden, batch_calls = _capture_inputs(model, layers, {"input_ids": batch}, device)
+                hidden, batch_calls = capture_calls(model, layers, {"input_ids": batch}, device)
                 calls.append(batch_calls)
-                current.put(b, _to_host(hidden))
+                current.put(b, to_host(hidden))
             if not tied:
                 release(model, names)
             layer_names: list[str] = []
 
             def load(index: int) -> None:
                 layer_names[:] = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
-                _to_device(model, layer_names, device)
+                to_device(model, layer_names, device)
 
             def new_store(index: int) -> ActivationStore:
                 outputs = ActivationStore(Path(scratch) / f"out{index % 2}", budget)
@@ -101,10 +100,10 @@ def streamed_nll(
             runner = LayerRunner(layers, calls, device, load=load, release=lambda index: release(model, layer_names), host=True)
             current = runner.run(current, new_store=new_store, progress=progress, desc="evaluating layers")
             norm = _final_norm(model)
-            tail = materialise(model, keymap, ckpt, _module_name(model, norm), dtype)
+            tail = materialise(model, keymap, ckpt, module_name(model, norm), dtype)
             if not tied:
                 tail += materialise(model, keymap, ckpt, head, dtype)
-            _to_device(model, tail, device)
+            to_device(model, tail, device)
             total, count = 0.0, 0
             for b, batch in enumerate(windows):
                 logits = model.get_output_embeddings()(norm(current.get(b).to(device))).float()[:, :-1]

@@ -42,10 +42,11 @@ from moeprune.io.checkpoint import PLAN_FILE, RECIPE_FILE, _patch_config_json, c
 from moeprune.io.output_policy import COMPLETE_MARKER, clean_stale, temp_sibling
 from moeprune.io.safetensors_io import INDEX_FILE
 from moeprune.plan import LayerPlan, Plan, PlanError
-from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, _expert_regex, release, set_tensor
-from moeprune.streaming.layerwise import build_skeleton, decoder_layers
-from moeprune.streaming.prefetch import Prefetcher
-from moeprune.streaming.writer import ShardedWriter
+from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, _expert_regex, release, set_tensor
+from moeprune.engine.runner import decoder_layers
+from moeprune.engine.skeleton import build_skeleton
+from moeprune.io.prefetch import Prefetcher
+from moeprune.io.sharded_writer import ShardedWriter
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def streamed_apply(
     progress: bool = True,
     selection_route: bool = True,
     force: bool = False,
-    prefetch: bool = True,  # read the next layer from disk in a background thread (streaming.prefetch; same bytes)
+    prefetch: bool = True,  # read the next layer from disk in a background thread (io.prefetch; same bytes)
     edits: list | None = None,
 ) -> Path:
     """Write `input_dir` pruned by `plan` to `output_dir` without loading the model; `edits`

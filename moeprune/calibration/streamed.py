@@ -29,82 +29,19 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from torch import nn
 
 from moeprune.calibration.observer import Observer
 from moeprune.calibration.stats import ExpertStats
 from moeprune.nonfinite import check_loaded
 from moeprune.engine.runner import LayerRunner, as_batches, capture_calls, decoder_layers
-from moeprune.streaming.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
-from moeprune.streaming.prefetch import Prefetcher
-from moeprune.streaming.resume import WorkDir, load_activation, save_activation, tensor_digest
-from moeprune.streaming.writer import parse_size
+from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
+from moeprune.io.prefetch import Prefetcher
+from moeprune.calibration.work_dir import WorkDir, tensor_digest
+from moeprune.engine.activations import ActivationStore
+from moeprune.engine.skeleton import build_skeleton, module_name, resident_to_device, to_device, to_host
+from moeprune.io.sharded_writer import parse_size
 
 logger = logging.getLogger(__name__)
-
-
-class ActivationStore:
-    """Hidden states of every batch between two layers: in memory up to `budget` bytes, then on disk."""
-
-    def __init__(self, directory: Path, budget: int) -> None:
-        self.directory = Path(directory)
-        self.budget = budget
-        self.used = 0
-        self.items: dict[int, torch.Tensor | str] = {}
-        self.spilled = 0
-
-    def put(self, index: int, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.used + size <= self.budget:
-            self.items[index] = tensor
-            self.used += size
-        else:
-            name = f"batch_{index:05d}.safetensors"
-            save_activation(self.directory / name, tensor)
-            self.items[index] = name
-            self.spilled += 1
-
-    def get(self, index: int) -> torch.Tensor:
-        item = self.items[index]
-        return load_activation(self.directory / item) if isinstance(item, str) else item
-
-    def persist(self) -> None:
-        """Write the in-memory entries to the directory too (for a resumable commit)."""
-        for index, item in self.items.items():
-            if not isinstance(item, str):
-                save_activation(self.directory / f"batch_{index:05d}.safetensors", item)
-
-    @classmethod
-    def from_directory(cls, directory: Path, count: int, budget: int) -> "ActivationStore":
-        store = cls(directory, budget)
-        for index in range(count):
-            store.items[index] = f"batch_{index:05d}.safetensors"
-            if not (directory / store.items[index]).is_file():
-                raise FileNotFoundError(f"{directory}: activation of batch {index} is missing; rerun without --resume")
-        return store
-
-
-def build_skeleton(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model of checkpoint `path` with every parameter on the meta device."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from moeprune.io.loading import trust_remote_code
-
-    remote = trust_remote_code()  # explicit: never a y/N prompt, never checkpoint code unless opted in
-    config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote)
-    return model.eval()
-
-
-def _module_name(model: nn.Module, module: nn.Module) -> str:
-    return next(name for name, m in model.named_modules() if m is module)
-
-
-def _capture_inputs(model: nn.Module, layers: nn.ModuleList, batch: dict[str, torch.Tensor], device: torch.device):
-    """Layer-0 hidden states and every layer's other call arguments for one batch (`runner.capture_calls`)."""
-    return capture_calls(model, layers, batch, device)
 
 
 def _fingerprint(path: Path, batches: list[dict], batch_size: int, dense_tokens: int, dtype: torch.dtype, extra: dict) -> dict:
@@ -152,7 +89,7 @@ def streamed_calibrate(
     dtype = resolve_dtype(dtype, path)
     batches = as_batches(data, batch_size)
     model = build_skeleton(path, dtype)
-    _resident_to_device(model, device)  # rotary tables and other buffers built outside the shards
+    resident_to_device(model, device)  # rotary tables and other buffers built outside the shards
     ckpt = LazyCheckpoint(path)
     keymap = KeyMap(model, ckpt.keys())
     prefix, layers = decoder_layers(model)
@@ -175,18 +112,18 @@ def streamed_calibrate(
                         raise FileNotFoundError(f"{work.path}: statistics of finished layer {index} are missing")
                     observer.stats[index] = loaded[index]
             logger.info("resuming after decoder layer %d", done)
-        embed_name = _module_name(model, model.get_input_embeddings())
+        embed_name = module_name(model, model.get_input_embeddings())
         embed_names = materialise(model, keymap, ckpt, embed_name, dtype)
-        _to_device(model, embed_names, device)
+        to_device(model, embed_names, device)
         first_dir = work.path / "acts" / "input" if work is not None else Path(scratch.name) / "in"
         first_dir.mkdir(parents=True, exist_ok=True)
         current = ActivationStore(first_dir, budget)
         calls: list[list[tuple[tuple, dict]]] = []
         for b, batch in enumerate(batches):
-            hidden, batch_calls = _capture_inputs(model, layers, batch, device)
+            hidden, batch_calls = capture_calls(model, layers, batch, device)
             calls.append(batch_calls)
             if done < 0:
-                current.put(b, _to_host(hidden))
+                current.put(b, to_host(hidden))
         release(model, embed_names)
         if done >= 0:
             current = ActivationStore.from_directory(work.acts_dir(done), len(batches), budget)
@@ -197,7 +134,7 @@ def streamed_calibrate(
             ahead.ready(index)  # layer index's bytes were read ahead while the previous layer ran
             names[:] = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
             check_loaded(model, names)  # NaN/Inf in the layer just read: one line naming tensor and expert
-            _to_device(model, names, device)
+            to_device(model, names, device)
 
         def new_store(index: int) -> ActivationStore:
             out_dir = work.partial_acts_dir(index) if work is not None else Path(scratch.name) / f"out{index % 2}"
@@ -241,31 +178,3 @@ def streamed_calibrate(
     return observer.result(info)
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    return t if t.device.type == "cpu" else t.to("cpu")
-
-
-def _resident_to_device(model: nn.Module, device: torch.device) -> None:
-    """Move the skeleton's real (non-meta) tensors, e.g. rotary `inv_freq`, to the compute device."""
-    if device.type == "cpu":
-        return
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for key, value in list(store.items()):
-                if value is not None and value.device.type != "meta":
-                    moved = value.data.to(device) if isinstance(value, nn.Parameter) else value.to(device)
-                    store[key] = nn.Parameter(moved, requires_grad=False) if isinstance(value, nn.Parameter) else moved
-
-
-def _to_device(model: nn.Module, names: list[str], device: torch.device) -> None:
-    if device.type == "cpu":
-        return
-    from moeprune.streaming.lazy_reader import set_tensor
-
-    for name in names:
-        set_tensor(model, name, model.get_parameter(name).data.to(device) if _is_param(model, name) else model.get_buffer(name).to(device))
-
-
-def _is_param(model: nn.Module, name: str) -> bool:
-    module_name, _, leaf = name.rpartition(".")
-    return leaf in (model.get_submodule(module_name) if module_name else model)._parameters

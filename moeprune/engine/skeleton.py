@@ -1,0 +1,62 @@
+"""The model as a meta-device skeleton, and moving its tensors between host and compute device.
+
+Every layer-wise path (streamed calibration, apply, evaluation, sparsify, router KD, dynamic
+skipping, task patterns) builds the model of a checkpoint with no weights (`build_skeleton`),
+materialises one module at a time into it (`io.lazy_reader.materialise`) and moves what it
+materialised to the compute device (`to_device`); these helpers are the one copy of that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moeprune.io.lazy_reader import set_tensor
+
+
+def build_skeleton(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of checkpoint `path` with every parameter on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moeprune.io.loading import trust_remote_code
+
+    remote = trust_remote_code()  # explicit: never a y/N prompt, never checkpoint code unless opted in
+    config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote)
+    return model.eval()
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    return t if t.device.type == "cpu" else t.to("cpu")
+
+
+def resident_to_device(model: nn.Module, device: torch.device) -> None:
+    """Move the skeleton's real (non-meta) tensors, e.g. rotary `inv_freq`, to the compute device."""
+    if device.type == "cpu":
+        return
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for key, value in list(store.items()):
+                if value is not None and value.device.type != "meta":
+                    moved = value.data.to(device) if isinstance(value, nn.Parameter) else value.to(device)
+                    store[key] = nn.Parameter(moved, requires_grad=False) if isinstance(value, nn.Parameter) else moved
+
+
+def to_device(model: nn.Module, names: list[str], device: torch.device) -> None:
+    if device.type == "cpu":
+        return
+    for name in names:
+        set_tensor(model, name, model.get_parameter(name).data.to(device) if is_param(model, name) else model.get_buffer(name).to(device))
+
+
+def is_param(model: nn.Module, name: str) -> bool:
+    module_name, _, leaf = name.rpartition(".")
+    return leaf in (model.get_submodule(module_name) if module_name else model)._parameters
