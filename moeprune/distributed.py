@@ -174,24 +174,17 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         stats.save(args.output)
         print(f"rank 0/{world}: wrote {args.output} (hash {stats.digest()})")
-        if args.prune_output:
-            from moeprune.strategies import plan
+        if args.prune_output:  # the same pipeline as `moeprune prune`, with the all-reduced statistics
+            from moeprune.config import load_recipe
+            from moeprune.pipeline import run
 
-            result = plan(stats, args.strategy or "reap", args.ratio)
-            if args.offload:
-                from moeprune.io.loading import resolve_model_path
-                from moeprune.apply.streamed import streamed_apply
-
-                out = streamed_apply(resolve_model_path(args.model), result, args.prune_output,
-                                     overwrite=args.overwrite, progress=not args.quiet)
-            else:
-                from moeprune.apply.surgery import apply_plan
-                from moeprune.io.checkpoint import save_pruned
-                from moeprune.io.loading import load_model
-
-                model, tokenizer, path = load_model(args.model)
-                out = save_pruned(apply_plan(model, result), args.prune_output, plan=result, tokenizer=tokenizer,
-                                  input_dir=path, overwrite=args.overwrite)
+            recipe = load_recipe(None, {
+                "model": args.model, "strategy": args.strategy or "reap", "ratio": args.ratio,
+                "output": args.prune_output, "calibration.source": args.calibration, "calibration.samples": args.samples,
+                "calibration.seq_len": args.seq_len, "calibration.seed": args.seed, "calibration.batch_size": args.batch_size,
+                "calibration.dense_tokens": args.dense_tokens,
+            })
+            out = run(recipe, stats=stats, offload=args.offload, overwrite=args.overwrite, progress=not args.quiet).output
             print(f"rank 0/{world}: wrote {out}")
     if dist.is_initialized():
         dist.barrier()

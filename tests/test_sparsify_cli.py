@@ -66,19 +66,32 @@ def test_recipes_parse_and_reject_bad_combinations(tmp_path):
         load_recipe(None, {"sparsify.method": "obs"})
 
 
-def test_compressed_variant_same_total_as_unstructured_only():
+def test_expert_removal_plus_sparsity_reaches_the_same_total_as_sparsity_alone(tmp_path):
+    # the benchmark's comparison rows, through the one pipeline: 25% of experts + 50% inside the
+    # survivors vs 62.5% unstructured alone; the model handed in is a copy, the original untouched
+    import copy
+
     import pytest
     import torch
 
-    from moeprune.sparsify.bench import compressed_variant
-    from moeprune.testing.tiny_models import random_batch, tiny_model
+    import moeprune
+    from moeprune.config import load_recipe
+    from moeprune.io.loading import load_model
+    from moeprune.testing.tiny_models import save_tiny_checkpoint
 
-    model = tiny_model("qwen3_moe")
-    ids = random_batch(272, 4, 32, seed=5)
+    path = save_tiny_checkpoint("qwen3_moe", tmp_path / "ckpt")
+    model, tokenizer, _ = load_model(str(path))
     before = [p.clone() for p in model.parameters()]
-    mixed, r1 = compressed_variant(model, ids, "frequency", 0.25, "wanda", 0.5, protect_super=False)
-    flat, r2 = compressed_variant(model, ids, "frequency", 0.0, "wanda", total_sparsity=0.625, protect_super=False)
-    assert r1.total_sparsity == pytest.approx(0.625) and r2.total_sparsity == pytest.approx(0.625)
-    assert r2.removed_share == 0.0 and find_moe_layers(flat)[0].num_experts == 8
+
+    def variant(ratio, **sparsify):
+        recipe = load_recipe(None, {"model": str(path), "strategy": "frequency", "ratio": ratio, "calibration.samples": 4,
+                                    "calibration.seq_len": 32, "sparsify": {"method": "wanda", "protect_super": False, **sparsify}})
+        result = moeprune.prune(recipe, model=copy.deepcopy(model), tokenizer=tokenizer, progress=False)
+        return result.model, result.plan.params["sparsity"]
+
+    mixed, r1 = variant(0.25, sparsity=0.5)
+    flat, r2 = variant(0.0, total_sparsity=0.625)
+    assert r1["total_sparsity"] == pytest.approx(0.625) and r2["total_sparsity"] == pytest.approx(0.625)
+    assert r2["removed_share"] == 0.0 and find_moe_layers(flat)[0].num_experts == 8
     assert find_moe_layers(mixed)[0].num_experts == 6
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

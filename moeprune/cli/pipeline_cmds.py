@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from moeprune.api import prune
 from moeprune.calibration.data import calibration_ids
 from moeprune.calibration.observer import calibrate
 from moeprune.calibration.stats import ExpertStats
@@ -184,21 +183,18 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
     from moeprune.cli.guards import prune_before_load
 
     offload = prune_before_load(recipe, offload, resume, work_dir, overwrite)  # output and inputs: before any work
-    if offload is None and not recipe.evaluate and (recipe.router_kd is None or recipe.router_kd.steps == 0):
-        from moeprune.io.loading import resolve_model_path
-        from moeprune.pipeline.offloaded import should_offload
+    if offload is None and recipe.evaluate:
+        offload = False  # --eval measures the dense model in memory first unless --offload is asked for
+    from moeprune.pipeline import run
+    from moeprune.pipeline.entry import check_offloadable, choose_offload
 
-        offload = should_offload(resolve_model_path(recipe.model), dtype=recipe.dtype)
-    if offload:
-        from moeprune.pipeline.offloaded import prune_offloaded
-
-        if recipe.router_kd is not None and recipe.router_kd.steps > 0:  # --router-kd-local streams
-            from moeprune.apply.streamed_passes import GLOBAL_KD_REFUSAL
-
-            raise click.UsageError(GLOBAL_KD_REFUSAL)
-        if recipe.strategy == "auto":
-            raise click.UsageError("--strategy auto compares candidates on copies of the loaded model; drop --offload")
-        result = prune_offloaded(recipe, work_dir=work_dir, resume=resume, memory_budget=memory_budget, overwrite=overwrite)
+    if choose_offload(recipe, offload):
+        try:
+            check_offloadable(recipe)
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
+        result = run(recipe, offload=True, work_dir=work_dir, resume=resume, memory_budget=memory_budget,
+                     overwrite=overwrite)
         click.echo(f"strategy {recipe.strategy}, ratio {recipe.ratio}: experts per layer {result.plan.experts_per_layer}")
         _describe_methods(result.plan.params)
         click.echo(f"wrote {result.output} (streamed)")
@@ -214,9 +210,9 @@ def prune_command(model, config_path, strategy, ratio, budget, protect_super, ca
         loaded, tokenizer, _ = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
         move_model(loaded, resolve_device(recipe.device))
         dense_ppl = heldout_perplexities(loaded, tokenizer, recipe.eval_max_tokens)
-        result = prune(recipe, model=loaded, tokenizer=tokenizer, overwrite=overwrite)
+        result = run(recipe, loaded, tokenizer, overwrite=overwrite)
     else:
-        result = prune(recipe, overwrite=overwrite)
+        result = run(recipe, overwrite=overwrite)
     click.echo(f"strategy {recipe.strategy}, ratio {recipe.ratio}: experts per layer {result.plan.experts_per_layer}")
     _describe_methods(result.plan.params)
     if result.report is not None:

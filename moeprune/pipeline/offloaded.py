@@ -8,12 +8,12 @@ exceeds most of the available memory is streamed instead.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moeprune.calibration.stats import ExpertStats
 from moeprune.config import PruneRecipe
+from moeprune.pipeline.result import PruneResult
 from moeprune.plan import Plan
 
 logger = logging.getLogger(__name__)
@@ -60,13 +60,6 @@ def should_offload(path: str | Path, fraction: float = 0.7, dtype: str = "auto")
 _MONE_SKIP = "dynamic skipping of a MoNE (novice) plan needs the model in memory; drop --offload"
 
 
-@dataclass
-class OffloadResult:
-    stats: ExpertStats | None  # None for calibration-free strategies
-    plan: Plan
-    output: Path | None
-
-
 def prune_offloaded(
     recipe: PruneRecipe,
     work_dir: str | Path | None = None,
@@ -75,14 +68,16 @@ def prune_offloaded(
     max_shard_size: str = "5GB",
     overwrite: bool = False,
     progress: bool = True,
-) -> OffloadResult:
+    stats: ExpertStats | None = None,
+) -> PruneResult:
     """Run a recipe without loading the model: streamed calibration, plan, streamed apply.
 
     Channel slimming, sparsify and layer-local router KD edit each layer as it is written,
     dynamic-skip betas are fitted on the written output before it is published, task patterns
     pick their plan from a streamed forward up to the first router. Without `work_dir`, a
     resumable work directory `.<output>.moeprune-work` is kept next to the output while the run
-    lasts and removed when it succeeds.
+    lasts and removed when it succeeds. `stats` computed elsewhere (torchrun ranks) replace the
+    streamed calibration. The result has no model (`model=None`): the output is on disk.
     """
     from moeprune.io.loading import resolve_model_path
     from moeprune.strategies import get_strategy
@@ -121,8 +116,12 @@ def prune_offloaded(
 
         cal = recipe.calibration
         ids = calibration_ids(cal.source, tokenizer, cal.samples, cal.seq_len, cal.seed)
-    stats = None
-    if needs_stats:
+    calibrated = needs_stats and stats is None  # statistics handed in (torchrun ranks) need no pass here
+    if stats is not None and not stats.meta.get("fingerprint"):
+        from moeprune.fingerprint import checkpoint_fingerprint
+
+        stats.meta["fingerprint"] = checkpoint_fingerprint(path)  # binds the plan to this checkpoint
+    if calibrated:
         stats = _calibrate(recipe, spec, path, config, dtype, device, ids, work_dir, resume, memory_budget, progress)
     result_plan = _plan(recipe, spec, path, stats, dtype, tokenizer, device)
     output = None
@@ -147,11 +146,11 @@ def prune_offloaded(
             path, result_plan, recipe.output, overwrite=overwrite, max_shard_size=max_shard_size,
             recipe=recipe.model_dump(mode="json"), progress=progress, edits=edits,
         )
-        if work_dir is not None and stats is not None:
+        if work_dir is not None and calibrated:
             from moeprune.io.output_policy import remove_work_dir
 
             remove_work_dir(work_dir)  # finished: only a work directory moeprune marked as its own is removed
-    return OffloadResult(stats, result_plan, output)
+    return PruneResult(None, tokenizer, stats, result_plan, output)
 
 
 def _calibrate(recipe: PruneRecipe, spec, path: Path, config: dict, dtype, device, ids, work_dir, resume: bool,
