@@ -13,21 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moeprune.io.lazy_load import build_skeleton  # noqa: F401  (re-exported: built at the I/O layer)
 from moeprune.io.lazy_reader import set_tensor
-
-
-def build_skeleton(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model of checkpoint `path` with every parameter on the meta device."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from moeprune.io.loading import trust_remote_code
-
-    remote = trust_remote_code()  # explicit: never a y/N prompt, never checkpoint code unless opted in
-    config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote)
-    return model.eval()
 
 
 def module_name(model: nn.Module, module: nn.Module) -> str:

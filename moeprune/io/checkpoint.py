@@ -137,7 +137,13 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype | None = "auto", **kw
             kwargs.setdefault("ignore_mismatched_sizes", True)
             model = _quietly(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs))
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+            model = None
+            if "device_map" not in kwargs and not kwargs["trust_remote_code"] and set(kwargs) == {"trust_remote_code"}:
+                from moeprune.io.lazy_load import load_lazily
+
+                model = load_lazily(path, dtype)  # the weights resident, not the mapped shards too
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     _restore_extensions(model, path)
     if device_map is not None:
         _dispatch(model)

@@ -34,11 +34,13 @@ class LazyCheckpoint:
 
     `safe_open` memory-maps the shard, and the pages a read touches stay resident (and count in
     the process's RSS) until the map is closed, so the handle is reopened after every
-    `remap_bytes` read: resident mapped pages stay bounded however large the shards are.
+    `remap_bytes` read: resident mapped pages stay bounded however large the shards are (for
+    tensors kept beyond the read, `owned=True` copies them out of the map; `get` returns views).
     """
 
-    def __init__(self, path: str | Path, remap_bytes: int = 256 * 2**20) -> None:
+    def __init__(self, path: str | Path, remap_bytes: int = 256 * 2**20, owned: bool = False) -> None:
         self.path = Path(path)
+        self.owned = owned  # copy every tensor read out of the map (tensors that outlive the reader)
         self.shards: dict[str, Path] = shard_map(self.path)
         self.remap_bytes = remap_bytes
         self._file: Path | None = None
@@ -90,7 +92,9 @@ class LazyCheckpoint:
             raise CorruptCheckpointError(f"{self.shards[name]}: cannot read tensor {name} ({err})") from err
 
     def get(self, name: str) -> torch.Tensor:
-        tensor = self._guard(name, lambda h: h.get_tensor(name))
+        """Tensor `name`. `safe_open` returns views of the map: kept, they pin the whole mapped
+        shard in RSS; with `owned` each tensor is copied out so the map can go."""
+        tensor = self._guard(name, lambda h: h.get_tensor(name).clone() if self.owned else h.get_tensor(name))
         self._count(tensor)
         return tensor
 
