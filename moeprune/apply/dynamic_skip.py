@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from moeprune.adapters import find_moe_layers
 from moeprune.calibration.capture import run_experts
+from moeprune.engine.runner import as_batches
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ def gate_ratios(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, progre
     model.eval()
     try:
         with recorder:
-            for start in tqdm(range(0, ids.shape[0], batch_size), desc="dynamic-skip betas", disable=not progress, unit="batch"):
-                model(input_ids=ids[start : start + batch_size].to(device), use_cache=False, logits_to_keep=1)
+            for batch in tqdm(as_batches(ids, batch_size), desc="dynamic-skip betas", disable=not progress, unit="batch"):
+                model(input_ids=batch["input_ids"].to(device), use_cache=False, logits_to_keep=1)
     finally:
         model.train(was_training)
     return recorder.result()

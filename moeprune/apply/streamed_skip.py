@@ -14,7 +14,6 @@ the in-memory ones.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +21,14 @@ import torch
 from torch import nn
 
 from moeprune.adapters import find_moe_layers
-from moeprune.engine.runner import LayerRunner, as_batches
+from moeprune.engine.runner import as_batches
+from moeprune.engine.streamed_forward import StreamedForward
 from moeprune.apply.dynamic_skip import CONFIG_KEY, GateRatios, fitted_entry
 from moeprune.io.checkpoint import LAYER_WIDTH_KEY, PER_LAYER_KEY, PLAN_FILE
 from moeprune.io.output_policy import write_text_atomic
 from moeprune.plan import Plan
-from moeprune.engine.activations import ActivationStore
-from moeprune.engine.runner import capture_calls, decoder_layers
-from moeprune.engine.skeleton import build_skeleton, module_name, resident_to_device, to_device, to_host
-from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
+from moeprune.engine.skeleton import build_skeleton
 from moeprune.apply.output_edits import OutputEdits
-from moeprune.io.sharded_writer import parse_size
 
 
 def output_skeleton(path: str | Path, dtype: torch.dtype) -> nn.Module:
@@ -63,45 +59,12 @@ def streamed_gate_ratios(
     """`apply.dynamic_skip.gate_ratios` of checkpoint `path`, one decoder layer resident at a time."""
     from moeprune.io.loading import resolve_dtype
 
-    path, device = Path(path), torch.device(device)
+    path = Path(path)
     dtype = resolve_dtype(dtype, path)
     model = output_skeleton(path, dtype)
-    resident_to_device(model, device)
-    ckpt = LazyCheckpoint(path)
-    keymap = KeyMap(model, ckpt.keys())
-    prefix, layers = decoder_layers(model)
-    budget = parse_size(memory_budget) // 2
-    batches = as_batches(ids, batch_size)
     recorder = GateRatios(find_moe_layers(model))  # hooks on the skeleton's modules fire on each loaded layer
-    try:
-        with tempfile.TemporaryDirectory(prefix="moeprune-skip-") as scratch, recorder:
-            embed = materialise(model, keymap, ckpt, module_name(model, model.get_input_embeddings()), dtype)
-            to_device(model, embed, device)
-            current = ActivationStore(Path(scratch) / "in", budget)
-            current.directory.mkdir()
-            calls = []
-            for b, batch in enumerate(batches):
-                hidden, batch_calls = capture_calls(model, layers, batch, device)
-                calls.append(batch_calls)
-                current.put(b, to_host(hidden))
-            release(model, embed)
-            names: list[str] = []
-
-            def load(index: int) -> None:
-                names[:] = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
-                to_device(model, names, device)
-
-            def new_store(index: int) -> ActivationStore:
-                outputs = ActivationStore(Path(scratch) / f"out{index % 2}", budget)
-                outputs.directory.mkdir(exist_ok=True)
-                for f in outputs.directory.glob("*.safetensors"):
-                    f.unlink()
-                return outputs
-
-            runner = LayerRunner(layers, calls, device, load=load, release=lambda index: release(model, names), host=True)
-            runner.run(current, new_store=new_store, progress=progress, desc="dynamic-skip betas")
-    finally:
-        ckpt.close()
+    with StreamedForward(model, path, dtype, device, memory_budget, prefix="moeprune-skip-") as sf, recorder:
+        sf.run(as_batches(ids, batch_size), progress=progress, desc="dynamic-skip betas")
     return recorder.result()
 
 

@@ -52,12 +52,18 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ValueError(f"cannot find the decoder layer list above MoE block {block!r}")
 
 
-def as_batches(data: torch.Tensor | Iterable[Batch], batch_size: int) -> list[Batch]:
-    """Calibration ids [samples, seq_len] cut into {"input_ids"} batches (dict batches pass through)."""
+def as_batches(data: torch.Tensor | Iterable[Batch], batch_size: int,
+               attention_mask: torch.Tensor | None = None) -> list[Batch]:
+    """Token ids [samples, seq_len] cut into {"input_ids"[, "attention_mask"]} batches of
+    `batch_size` rows, in order (dict batches pass through). The one batching of every pass."""
     if isinstance(data, torch.Tensor):
         if data.dim() != 2:
             raise ValueError(f"calibration ids must be [samples, seq_len], got shape {tuple(data.shape)}")
-        return [{"input_ids": data[i : i + batch_size]} for i in range(0, data.shape[0], batch_size)]
+        if attention_mask is not None and attention_mask.shape != data.shape:
+            raise ValueError(f"attention mask {tuple(attention_mask.shape)} does not match ids {tuple(data.shape)}")
+        return [{"input_ids": data[i : i + batch_size],
+                 **({} if attention_mask is None else {"attention_mask": attention_mask[i : i + batch_size]})}
+                for i in range(0, data.shape[0], batch_size)]
     return list(data)
 
 

@@ -8,7 +8,6 @@ materialised to the compute device (`to_device`); these helpers are the one copy
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn

@@ -15,20 +15,15 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeprune.engine.runner import LayerRunner
+from moeprune.engine.skeleton import build_skeleton, module_name
+from moeprune.engine.streamed_forward import StreamedForward
 from moeprune.evaluation.perplexity import iter_windows
-from moeprune.engine.activations import ActivationStore
-from moeprune.engine.runner import capture_calls, decoder_layers
-from moeprune.engine.skeleton import build_skeleton, module_name, resident_to_device, to_device, to_host
-from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
-from moeprune.io.sharded_writer import parse_size
 
 _NOT_STREAMABLE = ("moeprune_experts_per_layer", "moeprune_novices", "moeprune_expert_widths", "moeprune_dynamic_skip")
 
@@ -62,56 +57,21 @@ def streamed_nll(
     check_streamable_output(path)
     dtype = resolve_dtype(dtype, path)
     model = build_skeleton(path, dtype)
-    resident_to_device(model, device)
-    ckpt = LazyCheckpoint(path)
-    keymap = KeyMap(model, ckpt.keys())
-    prefix, layers = decoder_layers(model)
-    budget = parse_size(memory_budget) // 2
-    windows = list(iter_windows(ids, seq_len, batch_size))
-    embed = module_name(model, model.get_input_embeddings())
-    head = module_name(model, model.get_output_embeddings())
+    windows = [{"input_ids": w} for w in iter_windows(ids, seq_len, batch_size)]
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    try:
-        with tempfile.TemporaryDirectory(prefix="moeprune-eval-") as scratch:
-            names = materialise(model, keymap, ckpt, embed, dtype)
-            to_device(model, names, device)
-            current = ActivationStore(Path(scratch) / "in", budget)
-            current.directory.mkdir()
-            calls = []
-            for b, batch in enumerate(windows):
-                hidden, batch_calls = capture_calls(model, layers, {"input_ids": batch}, device)
-                calls.append(batch_calls)
-                current.put(b, to_host(hidden))
-            if not tied:
-                release(model, names)
-            layer_names: list[str] = []
-
-            def load(index: int) -> None:
-                layer_names[:] = materialise(model, keymap, ckpt, f"{prefix}.{index}", dtype)
-                to_device(model, layer_names, device)
-
-            def new_store(index: int) -> ActivationStore:
-                outputs = ActivationStore(Path(scratch) / f"out{index % 2}", budget)
-                outputs.directory.mkdir(exist_ok=True)
-                for f in outputs.directory.glob("*.safetensors"):
-                    f.unlink()
-                return outputs
-
-            runner = LayerRunner(layers, calls, device, load=load, release=lambda index: release(model, layer_names), host=True)
-            current = runner.run(current, new_store=new_store, progress=progress, desc="evaluating layers")
-            norm = _final_norm(model)
-            tail = materialise(model, keymap, ckpt, module_name(model, norm), dtype)
-            if not tied:
-                tail += materialise(model, keymap, ckpt, head, dtype)
-            to_device(model, tail, device)
-            total, count = 0.0, 0
-            for b, batch in enumerate(windows):
-                logits = model.get_output_embeddings()(norm(current.get(b).to(device))).float()[:, :-1]
-                targets = batch[:, 1:].to(logits.device)
-                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-                count += batch.shape[0] * (batch.shape[1] - 1)
-    finally:
-        ckpt.close()
+    with StreamedForward(model, path, dtype, device, memory_budget, prefix="moeprune-eval-") as sf:
+        final = sf.run(windows, progress=progress, desc="evaluating layers", keep_embeddings=tied)
+        norm = _final_norm(model)
+        sf.load(module_name(model, norm))
+        if not tied:
+            sf.load(module_name(model, model.get_output_embeddings()))
+        total, count = 0.0, 0
+        for b, window in enumerate(windows):
+            batch = window["input_ids"]
+            logits = model.get_output_embeddings()(norm(final.get(b).to(device))).float()[:, :-1]
+            targets = batch[:, 1:].to(logits.device)
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+            count += batch.shape[0] * (batch.shape[1] - 1)
     return total, count
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.adapters import find_moe_layers
+from moeprune.engine.runner import as_batches
 from moeprune.recover.router_params import layer_router_parameters, only_trainable
 
 __all__ = ["capture_block_io", "fit_router_local", "router_kd_local", "block_mse"]
@@ -58,9 +59,9 @@ def capture_block_io(
     handles = [layer.block.register_forward_hook(hook(layer.layer), with_kwargs=True) for layer in layers]
     device = next(model.parameters()).device
     try:
-        for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="dense block outputs", unit="batch", disable=not progress):
-            ids = input_ids[start : start + batch_size]
-            mask = None if attention_mask is None else attention_mask[start : start + batch_size]
+        for batch in tqdm(as_batches(input_ids, batch_size, attention_mask), desc="dense block outputs", unit="batch",
+                          disable=not progress):
+            ids, mask = batch["input_ids"], batch.get("attention_mask")
             current["keep"] = None if mask is None else mask.reshape(-1).bool().to(device)
             model(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device), use_cache=False)
     finally:

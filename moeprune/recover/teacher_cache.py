@@ -31,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from moeprune.engine.runner import as_batches
+
 __all__ = ["TeacherCache", "build_teacher_cache", "topk_kl", "kd_loss", "log1mexp"]
 
 
@@ -113,10 +115,9 @@ def build_teacher_cache(
         raise ValueError(f"need top_k >= 1 and temperature > 0, got top_k={k}, temperature={temperature}")
     device = _model_device(model)
     idx, logp, tail = [], [], []
-    starts = range(0, input_ids.shape[0], batch_size)
-    for start in tqdm(starts, desc="teacher logits", unit="batch", disable=not progress):
-        ids = input_ids[start : start + batch_size]
-        mask = None if attention_mask is None else attention_mask[start : start + batch_size]
+    for batch in tqdm(as_batches(input_ids, batch_size, attention_mask), desc="teacher logits", unit="batch",
+                      disable=not progress):
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
         logits = model(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device),
                        use_cache=False).logits[:, :-1].float().cpu()
         logprobs = F.log_softmax(logits / temperature, dim=-1)
