@@ -115,7 +115,7 @@ def test_unsupported_families_are_refused_in_one_line(family):
     assert "\n" not in str(err.value)
 
 
-def test_dbrx_shim_keeps_the_stock_state_dict_and_refuses_offload(tmp_path):
+def test_dbrx_shim_keeps_the_stock_state_dict_and_streams(tmp_path):
     from moeprune.io.lazy_reader import KeyMap
     from moeprune.testing.tiny_models import save_tiny_checkpoint
     from safetensors.torch import load_file
@@ -136,5 +136,10 @@ def test_dbrx_shim_keeps_the_stock_state_dict_and_refuses_offload(tmp_path):
     assert torch.equal(fresh.transformer.blocks[0].ffn.experts.down_proj, layer.experts.down_proj)
     ckpt = save_tiny_checkpoint("dbrx", tmp_path / "dbrx")
     assert "transformer.blocks.0.ffn.experts.mlp.w1" in load_file(ckpt / "model.safetensors")
-    with pytest.raises(NotAnMoEModelError, match="drop --offload"):
-        KeyMap(tiny_model("dbrx"), [])
+    # streamed: the checkpoint's mlp.w1/v1/w2 feed the shimmed parameters, converted as the load hook does
+    skeleton = tiny_model("dbrx")
+    find_moe_layers(skeleton)
+    keymap = KeyMap(skeleton, list(load_file(ckpt / "model.safetensors")))
+    assert keymap.unexpected == []
+    target = keymap.targets["transformer.blocks.0.ffn.experts.mlp.w1"]
+    assert target.model_key == "transformer.blocks.0.ffn.experts.gate_up_proj"

@@ -20,9 +20,9 @@ follow the contract and compute the same function:
   transposed), with state-dict hooks that translate back to (and from) the stock names and shapes,
   so `state_dict()`/`save_pretrained` still write `mlp.w1/v1/w2`. Its router gets `top_k` and
   `norm_topk_prob` (`moe_normalize_expert_weights` set: renormalised, by a p-norm: exact for the
-  default p = 1) from the FFN config. The
-  streamed (`--offload`) paths refuse it (`streamable`): the checkpoint keys do not name the shimmed
-  parameters.
+  default p = 1) from the FFN config. The streamed (`--offload`) paths read it too: `STOCK_SOURCES`
+  says which checkpoint tensors feed which shimmed parameter and `io.lazy_reader.KeyMap` converts
+  them as the load hook does; written layers go back through the state-dict hook.
 
 Families that store experts some other way are refused by discovery with one line
 (`UNSUPPORTED_FAMILIES`).
@@ -101,15 +101,26 @@ def _dbrx_to_stock(module: nn.Module, state: dict, prefix: str, local_metadata: 
     state[prefix + "mlp.w2"] = down.transpose(1, 2).reshape(-1, h)
 
 
+def _dbrx_parts_from_stock(experts: nn.Module, stock: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{"mlp.w1", "mlp.v1", "mlp.w2": stock tensor} (any complete subset) -> the shimmed parameters."""
+    out = {}
+    if "mlp.w1" in stock and "mlp.v1" in stock:
+        w1, v1 = stock["mlp.w1"], stock["mlp.v1"]
+        e, h = experts.num_experts, w1.shape[1]
+        out["gate_up_proj"] = torch.cat([w1.view(e, -1, h), v1.view(e, -1, h)], dim=1)
+    if "mlp.w2" in stock:
+        w2 = stock["mlp.w2"]
+        out["down_proj"] = w2.view(experts.num_experts, -1, w2.shape[1]).transpose(1, 2).contiguous()
+    return out
+
+
 def _dbrx_from_stock(experts: nn.Module, state: dict, prefix: str, *rest) -> None:
     """Load pre-hook: the stock mlp.w1/v1/w2 -> gate_up_proj/down_proj."""
     names = [prefix + f"mlp.{n}" for n in ("w1", "v1", "w2")]
     if not all(n in state for n in names):
         return
-    w1, v1, w2 = (state.pop(n) for n in names)
-    e, h = experts.num_experts, w1.shape[1]
-    state[prefix + "gate_up_proj"] = torch.cat([w1.view(e, -1, h), v1.view(e, -1, h)], dim=1)
-    state[prefix + "down_proj"] = w2.view(e, -1, h).transpose(1, 2).contiguous()
+    stock = {n[len(prefix):]: state.pop(n) for n in names}
+    state.update({prefix + k: v for k, v in _dbrx_parts_from_stock(experts, stock).items()})
 
 
 def _shim_dbrx(block: nn.Module) -> None:
@@ -138,13 +149,41 @@ def _shim_dbrx(block: nn.Module) -> None:
 
 SHIMS: dict[str, Callable[[nn.Module], None]] = {"Llama4TextMoe": _shim_llama4, "DbrxFFN": _shim_dbrx}
 STOCK_KEYS_DIFFER = ("DbrxExperts",)  # shimmed modules whose parameters are not the checkpoint's tensors
+# For those: {checkpoint name under the module: the parameter it feeds}, and the conversion, which the
+# streamed reader (`io.lazy_reader.KeyMap`) applies to the tensors of one parameter at a time.
+STOCK_SOURCES: dict[str, dict[str, str]] = {
+    "DbrxExperts": {"mlp.w1": "gate_up_proj", "mlp.v1": "gate_up_proj", "mlp.w2": "down_proj"}}
+FROM_STOCK: dict[str, Callable[[nn.Module, dict], dict]] = {"DbrxExperts": _dbrx_parts_from_stock}
+
+
+def stock_source(model: nn.Module, key: str) -> tuple[str, str] | None:
+    """(module name, parameter) that checkpoint tensor `key` feeds inside a shimmed module whose
+    parameters are not the checkpoint's tensors; None for any other key."""
+    for suffix in {s for sources in STOCK_SOURCES.values() for s in sources}:
+        if key.endswith("." + suffix):
+            prefix = key[: -len(suffix) - 1]
+            try:
+                module = model.get_submodule(prefix)
+            except AttributeError:
+                continue
+            sources = STOCK_SOURCES.get(type(module).__name__) if getattr(type(module), "_moeprune_shim", False) else None
+            if sources and suffix in sources:
+                return prefix, sources[suffix]
+    return None
+
+
+def from_stock(module: nn.Module, stock: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The shimmed parameters of `module` from its stock tensors ({name under the module: tensor})."""
+    return FROM_STOCK[type(module).__name__](module, stock)
 
 
 def streamable(model: nn.Module) -> str | None:
-    """None when the streamed paths can read `model`'s checkpoint key by key, else why not."""
+    """None when the streamed paths can read `model`'s checkpoint key by key, else why not (every
+    shimmed family with re-parameterised experts declares its stock sources, so: always None)."""
     for module in model.modules():
-        if getattr(type(module), "_moeprune_shim", False) and type(module).__name__ in STOCK_KEYS_DIFFER:
-            return (f"{type(module).__name__} is re-parameterised in memory (its checkpoint tensors are not its "
+        name = type(module).__name__
+        if getattr(type(module), "_moeprune_shim", False) and name in STOCK_KEYS_DIFFER and name not in STOCK_SOURCES:
+            return (f"{name} is re-parameterised in memory (its checkpoint tensors are not its "
                     "parameters): --offload does not support this family yet; drop --offload")
     return None
 

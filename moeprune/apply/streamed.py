@@ -144,7 +144,8 @@ class _Job:
         out = revert_weight_conversion(self.model, edited) if self.uniform else edited
         for name, tensor in out.items():
             self.writer.add(name, tensor)
-        release(self.model, list(edited))
+        # the module's own tensors (a shimmed module's state dict names its stock tensors instead)
+        release(self.model, [f"{unit}.{n}" for n, _ in [*module.named_parameters(), *module.named_buffers()]])
         self.routes["layer"] += 1
 
 

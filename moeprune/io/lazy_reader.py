@@ -132,6 +132,10 @@ class KeyTarget:
     model_key: str
     source_pattern: str | None  # the converter pattern that matched, None for a plain rename
     expert_index: int | None  # j of a per-expert key `...experts.{j}...`, else None
+    renamed: str | None = None  # SHIM_SOURCE targets: the stock module key the shim converts from
+
+
+SHIM_SOURCE = "<shim>"  # source_pattern of tensors a shimmed module converts itself (adapters.shims)
 
 
 def _expert_regex(pattern: str) -> re.Pattern | None:
@@ -148,7 +152,7 @@ class KeyMap:
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
         from moeprune.adapters import NotAnMoEModelError
-        from moeprune.adapters.shims import install_shims, streamable
+        from moeprune.adapters.shims import install_shims, stock_source, streamable
 
         install_shims(model)
         if (reason := streamable(model)) is not None:  # DBRX: parameters are not the checkpoint's tensors
@@ -166,6 +170,11 @@ class KeyMap:
             renamed, pattern = rename_source_key(key, self.renamings, self.converters, prefix, meta)
             if renamed not in meta and key in meta:
                 renamed, pattern = key, None
+            if (source := stock_source(model, renamed)) is not None:
+                # a shimmed module's stock tensor (DBRX mlp.w1/v1/w2; its state dict names them too,
+                # through the shim's hook, but its parameters are the converted ones): the shim converts
+                self.targets[key] = KeyTarget(key, f"{source[0]}.{source[1]}", SHIM_SOURCE, None, renamed)
+                continue
             if renamed not in meta:
                 self.unexpected.append(key)
                 continue
@@ -240,7 +249,14 @@ class KeyMap:
             groups.setdefault(self.targets[key].model_key, []).append(key)
         for first, keys in groups.items():
             pattern = self.targets[keys[0]].source_pattern
-            if pattern is None:
+            if pattern == SHIM_SOURCE:  # the shim's own conversion of its stock tensors (adapters.shims)
+                from moeprune.adapters.shims import from_stock
+
+                module_name = first.rpartition(".")[0]
+                module = self.model.get_submodule(module_name)
+                stock = {self.targets[k].renamed[len(module_name) + 1:]: ckpt.get(k) for k in ckpt.keys_by_shard(keys)}
+                results = {f"{module_name}.{n}": v for n, v in from_stock(module, stock).items()}
+            elif pattern is None:
                 if len(keys) > 1:
                     raise CorruptCheckpointError(f"{ckpt.path}: tensors {keys} all load into {first}")
                 results = {first: ckpt.get(keys[0])}
