@@ -97,3 +97,25 @@ def test_prune_offload_cli(tmp_path):
     model = load_pruned(out)
     assert model.config.num_local_experts == 4
     assert all(layer.mlp.experts.gate_up_proj.shape[0] == 4 for layer in model.model.layers)
+
+
+def test_writer_write_behind_keeps_order_and_reports_write_errors(tmp_path):
+    # tensors queued behind the disk land in order, bounded by queue_bytes; a failed write surfaces in the caller
+    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(20)}
+    (tmp_path / "ok").mkdir()
+    writer = ShardedWriter(tmp_path / "ok", "30KB", queue_bytes=4000)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.close()
+    back = read_checkpoint_tensors(tmp_path / "ok")
+    assert sorted(back) == sorted(tensors) and all(torch.equal(back[n], t) for n, t in tensors.items())
+
+    (tmp_path / "bad").mkdir()
+    writer = ShardedWriter(tmp_path / "bad", "1MB")
+    writer.add("a", torch.zeros(10))
+    writer._wait()
+    writer._file.close()  # the next write fails in the writer thread (ValueError: closed file)
+    writer.add("b", torch.zeros(10))
+    with pytest.raises(ValueError, match="closed file"):
+        writer.close()
+    writer.abort()

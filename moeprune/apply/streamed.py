@@ -196,6 +196,7 @@ def streamed_apply(
     tmp.mkdir()
     started = time.perf_counter()
     ahead = Prefetcher(ckpt.shards, reads, enabled=prefetch)
+    writer = None
     try:
         writer = ShardedWriter(tmp, max_shard_size)
         job = _Job(model, keymap, ckpt, writer, uniform, edits)
@@ -227,6 +228,8 @@ def streamed_apply(
             edit.finish(tmp)
         publish_directory(tmp, out)
     except BaseException:
+        if writer is not None:
+            writer.abort()  # its thread stops before the directory goes
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:

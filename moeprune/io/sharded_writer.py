@@ -1,7 +1,10 @@
 """Size-bounded sharded safetensors writer producing Hugging Face shard names and index.
 
 A new shard starts when the next tensor would push the current one past `max_shard_size`. Tensors
-are written to disk as they arrive, so memory stays bounded by one tensor. Shards are written with
+are written to disk as they arrive by one background thread (write-behind), so the caller reads and
+converts the next tensors while the last ones are written; at most `queue_bytes` (or one tensor,
+if larger) wait for it, so memory stays bounded by that. A write error surfaces in the caller's
+next `add`/`flush`/`close`; `abort()` stops the thread without finishing. Shards are written with
 provisional names and renamed to `model-0000i-of-0000N.safetensors` by `close()`, which also writes
 `model.safetensors.index.json` (`metadata.total_size`, `total_parameters`, `weight_map`). A single
 shard is named `model.safetensors` with no index, like `save_pretrained`.
@@ -15,6 +18,8 @@ import os
 import re
 import shutil
 import struct
+import threading
+from collections import deque
 from pathlib import Path
 from typing import BinaryIO
 
@@ -54,7 +59,7 @@ class ShardedWriter:
     the shard once).
     """
 
-    def __init__(self, directory: str | Path, max_shard_size: str | int = "5GB") -> None:
+    def __init__(self, directory: str | Path, max_shard_size: str | int = "5GB", queue_bytes: int = 64 * 2**20) -> None:
         self.directory = Path(directory)
         self.max_bytes = parse_size(max_shard_size)
         self._file: BinaryIO | None = None
@@ -64,6 +69,56 @@ class ShardedWriter:
         self.total_bytes = 0
         self.total_params = 0
         self._names: set[str] = set()
+        self.queue_bytes = queue_bytes
+        self._queue: deque[tuple[BinaryIO, object, int]] = deque()
+        self._queued = 0
+        self._error: BaseException | None = None
+        self._stop = False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._drain, name="moeprune-writer", daemon=True)
+        self._thread.start()
+
+    # ---- the write-behind thread ---------------------------------------------------------------
+    def _drain(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                file, data, size = self._queue[0]
+            try:
+                if self._error is None:
+                    file.write(memoryview(data))
+            except BaseException as err:  # disk full, I/O error: reported to the caller
+                self._error = err
+            with self._cv:
+                self._queue.popleft()
+                self._queued -= size
+                self._cv.notify_all()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _wait(self, room: int = 0) -> None:
+        """Block until the queue has `room` bytes free (0: until it is empty); re-raise a write error."""
+        with self._cv:
+            while self._queue and (room == 0 or self._queued + room > self.queue_bytes):
+                self._cv.wait()
+        self._raise_error()
+
+    def abort(self) -> None:
+        """Stop the writer thread, dropping what is queued (the caller removes the directory)."""
+        with self._cv:
+            self._queue.clear()
+            self._queued = 0
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._names:
@@ -74,6 +129,7 @@ class ShardedWriter:
 
         if tensor.is_floating_point() and tensor.dtype.itemsize > 1 and not all_finite(tensor):
             raise NonFiniteError(f"tensor {name} holds NaN/Inf; refusing to write it ({FIX}; --allow-nonfinite needs the in-memory path)")
+        self._raise_error()
         self._names.add(name)
         size = tensor.numel() * tensor.element_size()
         if self._entries and self._offset + size > self.max_bytes:
@@ -84,7 +140,11 @@ class ShardedWriter:
             self._file.seek(HEADER_RESERVE)
             self._parts.append((part, []))
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        self._wait(room=size)  # at most queue_bytes (or this one tensor) waiting for the disk
+        with self._cv:
+            self._queue.append((self._file, data, size))
+            self._queued += size
+            self._cv.notify_all()
         self._entries[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
                                "data_offsets": [self._offset, self._offset + size]}
         self._parts[-1][1].append(name)
@@ -93,7 +153,8 @@ class ShardedWriter:
         self.total_params += tensor.numel()
 
     def flush(self) -> None:
-        """Finish the current shard: write its header."""
+        """Finish the current shard: wait for its queued tensors, write its header."""
+        self._wait()
         if self._file is None:
             return
         header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
@@ -117,6 +178,10 @@ class ShardedWriter:
     def close(self) -> dict[str, str]:
         """Finish the last shard, give shards their final names, write the index; returns the weight map."""
         self.flush()
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join()
         n = len(self._parts)
         weight_map: dict[str, str] = {}
         for i, (part, names) in enumerate(self._parts, start=1):
