@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.adapters import find_moe_layers
+from moeprune.adapters.forward_patches import install_forward
 from moeprune.calibration.capture import run_experts
 from moeprune.engine.runner import as_batches
 
@@ -158,11 +159,9 @@ def install_dynamic_skip(model: nn.Module, betas: dict[int, float], renormalize:
         experts = layers[index].experts
         if not 0.0 <= float(beta) <= 1.0:
             raise ValueError(f"layer {index}: beta must be in [0, 1], got {beta}")
-        inner = experts.__dict__.get("forward")
-        if isinstance(inner, functools.partial) and inner.func is skip_forward:  # re-install: replace, never stack
-            inner = inner.args[3]
         setattr(experts, _COUNTS, [0, 0])
-        experts.forward = functools.partial(skip_forward, experts, float(beta), bool(renormalize), inner)
+        install_forward(experts, lambda inner, experts=experts, beta=beta: functools.partial(  # re-install replaces
+            skip_forward, experts, float(beta), bool(renormalize), inner), "dynamic-skip")
     entry = skip_entry(betas, renormalize, record)
     configs = [model.config]
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

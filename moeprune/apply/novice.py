@@ -32,6 +32,7 @@ from torch import nn
 from moeprune.adapters import MoELayer, find_moe_layers
 from moeprune.adapters.layout import EXPERT_COUNT_ATTRS, NOVICE_MAP_BUFFER, NOVICE_VECTOR_BUFFER
 from moeprune.plan import LayerPlan, PlanError, decode_vectors, encode_vectors  # noqa: F401 (re-exported)
+from moeprune.adapters.forward_patches import install_forward
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def _wrap(experts: nn.Module, expert_map: torch.Tensor, vectors: torch.Tensor) -
     device = experts.down_proj.device
     experts.register_buffer(MAP_BUFFER, expert_map.to(device=device, dtype=torch.long), persistent=False)
     experts.register_buffer(VECTOR_BUFFER, vectors.to(device=device, dtype=experts.down_proj.dtype), persistent=False)
-    experts.forward = functools.partial(novice_forward, experts)
+    install_forward(experts, lambda inner: functools.partial(novice_forward, experts), "novices")
 
 
 def expert_map(num_experts: int, kept: list[int], novices: list[int]) -> torch.Tensor:

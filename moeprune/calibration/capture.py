@@ -21,6 +21,7 @@ from torch import nn
 from transformers.integrations.moe import _grouped_linear
 
 from moeprune.adapters.layout import NOVICE_MAP_BUFFER, NOVICE_VECTOR_BUFFER
+from moeprune.adapters.forward_patches import patch_forward as owned_patch
 
 
 class RoutedSink(Protocol):
@@ -84,22 +85,14 @@ def routed_forward(
     return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
 
 
-def patch_forward(experts: nn.Module, sink: RoutedSink | None) -> Callable[[], None]:
-    """Route `experts` through `routed_forward` with `sink`; returns a function that undoes it."""
+def patch_forward(experts: nn.Module, sink: RoutedSink | None, owner: str = "calibration") -> Callable[[], None]:
+    """Route `experts` through `routed_forward` with `sink`; returns a function that undoes it
+    (`owner`: whose patch it is, `adapters.forward_patches`)."""
 
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return routed_forward(experts, hidden_states, top_k_index, top_k_weights, sink)
 
-    previous = experts.__dict__.get("forward")  # a wrapper installed before (novices, dynamic skip)
-    experts.forward = forward  # instance attribute shadows the class forward
-
-    def undo() -> None:  # restore exactly what was replaced, never drop another owner's wrapper
-        if previous is not None:
-            experts.forward = previous
-        elif "forward" in experts.__dict__:
-            del experts.__dict__["forward"]
-
-    return undo
+    return owned_patch(experts, forward, owner)  # over a novice / dynamic-skip forward, restored after
 
 
 def _novice_routed_forward(

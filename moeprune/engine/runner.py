@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.adapters import find_moe_layers
+from moeprune.adapters.forward_patches import patch_forward
 from moeprune.engine.skeleton import to_host
 
 Batch = dict[str, torch.Tensor]
@@ -94,16 +95,15 @@ def capture_calls(model: nn.Module, layers: nn.ModuleList, batch: Batch, device:
 
         return forward
 
-    for index, layer in enumerate(layers):
-        layer.forward = recorder(index)
+    undos = [patch_forward(layer, recorder(index), "layer capture") for index, layer in enumerate(layers)]
     try:
         mask = batch.get("attention_mask")
         model(input_ids=batch["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device), use_cache=False)
     except _Captured:
         pass
     finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
+        for undo in reversed(undos):
+            undo()
     if len(calls) != len(layers):
         raise RuntimeError(f"captured {len(calls)} decoder layer calls, expected {len(layers)}")
     return first[0], calls

@@ -88,7 +88,7 @@ class LayerCollector:
         if self.moe is not None:
             layout = self.moe.layout
             self.experts = ExpertInputStats.zeros(layout.num_experts, layout.hidden_dim, layout.intermediate_dim, self.hessian)
-            self._undo.append(patch_forward(self.moe.experts, self._sink))
+            self._undo.append(patch_forward(self.moe.experts, self._sink, owner="sparsify"))
         for name, linear in self.plain.items():
             n_in = linear.in_features
             stats = LinearInputStats(
