@@ -37,8 +37,8 @@ from torch import nn
 
 # model_type -> why moeprune cannot prune it yet (one line, shown by discovery)
 UNSUPPORTED_FAMILIES = {
-    "jetmoe": "JetMoE keeps its MLP experts in two ParallelExperts submodules and routes them with a 5-output "
-              "gate (and has attention experts too), which moeprune cannot prune yet",
+    "jetmoe": "JetMoE's num_local_experts sizes both its MLP experts and its attention experts, so a "
+              "checkpoint with fewer MLP experts cannot describe itself in a stock config; moeprune cannot prune it yet",
     "longcat_flash": "LongCat-Flash mixes zero-compute (identity) experts into its routed experts "
                      "(router and gate_up_proj have n_routed + zero rows, down_proj n_routed), "
                      "which moeprune cannot prune yet",

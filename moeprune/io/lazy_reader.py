@@ -132,7 +132,8 @@ class KeyTarget:
     model_key: str
     source_pattern: str | None  # the converter pattern that matched, None for a plain rename
     expert_index: int | None  # j of a per-expert key `...experts.{j}...`, else None
-    renamed: str | None = None  # SHIM_SOURCE targets: the stock module key the shim converts from
+    renamed: str | None = None  # SHIM_SOURCE targets: the stock name, under `shim_module`, the shim converts
+    shim_module: str | None = None  # SHIM_SOURCE targets: the shimmed module that converts its stock tensors
 
 
 SHIM_SOURCE = "<shim>"  # source_pattern of tensors a shimmed module converts itself (adapters.shims)
@@ -173,7 +174,8 @@ class KeyMap:
             if (source := stock_source(model, renamed)) is not None:
                 # a shimmed module's stock tensor (DBRX mlp.w1/v1/w2; its state dict names them too,
                 # through the shim's hook, but its parameters are the converted ones): the shim converts
-                self.targets[key] = KeyTarget(key, f"{source[0]}.{source[1]}", SHIM_SOURCE, None, renamed)
+                self.targets[key] = KeyTarget(key, f"{source[0]}.{source[1]}", SHIM_SOURCE, None,
+                                              renamed[len(source[0]) + 1:], source[0])
                 continue
             if renamed not in meta:
                 self.unexpected.append(key)
@@ -252,10 +254,9 @@ class KeyMap:
             if pattern == SHIM_SOURCE:  # the shim's own conversion of its stock tensors (adapters.shims)
                 from moeprune.adapters.shims import from_stock
 
-                module_name = first.rpartition(".")[0]
-                module = self.model.get_submodule(module_name)
-                stock = {self.targets[k].renamed[len(module_name) + 1:]: ckpt.get(k) for k in ckpt.keys_by_shard(keys)}
-                results = {f"{module_name}.{n}": v for n, v in from_stock(module, stock).items()}
+                module_name = self.targets[keys[0]].shim_module
+                stock = {self.targets[k].renamed: ckpt.get(k) for k in ckpt.keys_by_shard(keys)}
+                results = {f"{module_name}.{n}": v for n, v in from_stock(self.model.get_submodule(module_name), stock).items()}
             elif pattern is None:
                 if len(keys) > 1:
                     raise CorruptCheckpointError(f"{ckpt.path}: tensors {keys} all load into {first}")
