@@ -29,7 +29,7 @@ from moeprune.testing.checks import safetensors_bytes
 from moeprune.testing.tiny_models import random_batch, save_tiny_checkpoint
 
 ALL = ("qwen3_moe", "gpt_oss", "deepseek_v3")
-MORE = ("qwen3_next", "llama4_text", "dbrx")  # hybrid attention; Llama4 and DBRX through the adapters' shims
+MORE = ("qwen3_next", "llama4_text", "dbrx", "jetmoe")  # hybrid attention; Llama4, DBRX, JetMoE through shims
 # (strategy, params, ratio, families)
 CASES = [
     ("frequency", {}, 0.5, ALL),

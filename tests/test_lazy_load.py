@@ -31,7 +31,9 @@ def test_lazy_load_equals_from_pretrained(family, tmp_path):
     install_shims(ref)  # the lazy model is shimmed (Llama4) by its key map, as load_model shims every model
     batch = random_batch(ref.config.get_text_config().vocab_size, 2, 8, seed=1)
     with torch.no_grad():
-        torch.testing.assert_close(lazy(batch).logits, ref(batch).logits, rtol=0, atol=0)
+        # the tensors are bit-equal above; from_pretrained's are views into the map (other alignment, other
+        # SIMD paths in a few kernels), so logits may differ by float32 rounding
+        torch.testing.assert_close(lazy(batch).logits, ref(batch).logits, rtol=0, atol=1e-6)
 
 
 def test_load_model_uses_it_and_keeps_the_dtype(tmp_path, monkeypatch):

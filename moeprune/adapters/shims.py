@@ -24,6 +24,13 @@ follow the contract and compute the same function:
   says which checkpoint tensors feed which shimmed parameter and `io.lazy_reader.KeyMap` converts
   them as the load hook does; written layers go back through the state-dict hook.
 
+* JetMoE (`JetMoeMoE`): the MLP experts' `input_linear.weight [E, 2I, H]` (gate half first) and
+  `output_linear.weight [E, H, I]` become a new v5 experts module holding the same Parameters, with
+  state-dict hooks back to the stock names; the 5-output gate runs as is and the block selects top-k
+  from its logits (softmax over the k: `norm_topk_prob`). Its attention experts are not touched.
+  `num_local_experts` also sizes them, so `SHARED_EXPERT_COUNT` makes a pruned JetMoE keep the count
+  and record per-layer counts (module layout, reloaded by `load_pruned`).
+
 Families that store experts some other way are refused by discovery with one line
 (`UNSUPPORTED_FAMILIES`).
 """
@@ -35,10 +42,18 @@ from typing import Callable
 import torch
 from torch import nn
 
+# model_type -> the config count that also sizes something else than the routed MLP experts: a pruned
+# checkpoint keeps it and records its per-layer counts instead (module layout, `load_pruned` reloads it)
+SHARED_EXPERT_COUNT = {"jetmoe": "num_local_experts also sizes JetMoE's attention experts"}
+
+
+def expert_count_shared(config) -> bool:
+    """True when `config`'s expert count is shared with modules moeprune does not prune (JetMoE)."""
+    return getattr(config, "model_type", None) in SHARED_EXPERT_COUNT
+
+
 # model_type -> why moeprune cannot prune it yet (one line, shown by discovery)
 UNSUPPORTED_FAMILIES = {
-    "jetmoe": "JetMoE's num_local_experts sizes both its MLP experts and its attention experts, so a "
-              "checkpoint with fewer MLP experts cannot describe itself in a stock config; moeprune cannot prune it yet",
     "longcat_flash": "LongCat-Flash mixes zero-compute (identity) experts into its routed experts "
                      "(router and gate_up_proj have n_routed + zero rows, down_proj n_routed), "
                      "which moeprune cannot prune yet",
@@ -147,13 +162,75 @@ def _shim_dbrx(block: nn.Module) -> None:
     block.router.norm_topk_prob = block.moe_normalize_expert_weights is not None
 
 
-SHIMS: dict[str, Callable[[nn.Module], None]] = {"Llama4TextMoe": _shim_llama4, "DbrxFFN": _shim_dbrx}
-STOCK_KEYS_DIFFER = ("DbrxExperts",)  # shimmed modules whose parameters are not the checkpoint's tensors
+def _jetmoe_moe_forward(self: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """`JetMoeMoE.forward` through the v5 experts contract: the stock gate (top-k of the logits,
+    softmax over those k), the experts on [T, H] rows, the block's output bias."""
+    bsz, length, hidden = layer_input.shape
+    x = layer_input.reshape(-1, hidden)
+    logits = self.router(x)[4]  # the stock gate runs (and its hooks see its stock outputs)
+    top_logits, index = logits.topk(self.router.top_k, dim=1)
+    weights = torch.softmax(top_logits, dim=1).type_as(x)
+    return self.experts(x, index, weights).view(bsz, length, hidden) + self.bias
+
+
+_JETMOE_STOCK = {"input_linear.weight": "experts.gate_up_proj", "output_linear.weight": "experts.down_proj"}
+
+
+def _jetmoe_to_stock(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict hook: experts.gate_up_proj/down_proj -> the stock input_linear/output_linear.weight."""
+    for stock, ours in _JETMOE_STOCK.items():
+        if prefix + ours in state:
+            state[prefix + stock] = state.pop(prefix + ours)
+
+
+def _jetmoe_parts_from_stock(block: nn.Module, stock: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {_JETMOE_STOCK[name]: tensor for name, tensor in stock.items()}
+
+
+def _jetmoe_from_stock(block: nn.Module, state: dict, prefix: str, *rest) -> None:
+    """Load pre-hook: the stock input_linear/output_linear.weight -> experts.gate_up_proj/down_proj."""
+    for stock, ours in _JETMOE_STOCK.items():
+        if prefix + stock in state:
+            state[prefix + ours] = state.pop(prefix + stock)
+
+
+class _JetMoeExperts(nn.Module):
+    """The experts module the JetMoE shim builds (its methods come from `_subclass`)."""
+
+
+def _shim_jetmoe(block: nn.Module) -> None:
+    """JetMoE's MLP experts (`input_linear.weight [E, 2I, H]`, gate half first; `output_linear.weight
+    [E, H, I]`) become one v5 experts module holding the same tensors; attention experts stay."""
+    from transformers.integrations.moe import _default_apply_gate, grouped_mm_experts_forward
+
+    gate_up, down = block.input_linear.weight, block.output_linear.weight
+    experts = nn.Module()
+    experts.__class__ = _subclass(_JetMoeExperts, {
+        "forward": grouped_mm_experts_forward, "_apply_gate": _default_apply_gate, "has_gate": True,
+        "has_bias": False, "is_transposed": False, "is_concatenated": True, "has_post_expert_norm": False,
+        "_is_expert_parallel": False,
+    })
+    experts.num_experts = gate_up.shape[0]
+    experts.act_fn = block.activation
+    experts.gate_up_proj, experts.down_proj = gate_up, down  # the same Parameters, no copy
+    del block.input_linear, block.output_linear
+    block.experts = experts
+    block._register_state_dict_hook(_jetmoe_to_stock)
+    block._register_load_state_dict_pre_hook(_jetmoe_from_stock, with_module=True)
+    block.__class__ = _subclass(type(block), {"forward": _jetmoe_moe_forward})
+    block.router.norm_topk_prob = True  # softmax over the top-k logits = softmax, then renormalised
+
+
+SHIMS: dict[str, Callable[[nn.Module], None]] = {"Llama4TextMoe": _shim_llama4, "DbrxFFN": _shim_dbrx,
+                                                 "JetMoeMoE": _shim_jetmoe}
+STOCK_KEYS_DIFFER = ("DbrxExperts", "JetMoeMoE")  # shimmed modules whose parameters are not the checkpoint's tensors
 # For those: {checkpoint name under the module: the parameter it feeds}, and the conversion, which the
 # streamed reader (`io.lazy_reader.KeyMap`) applies to the tensors of one parameter at a time.
 STOCK_SOURCES: dict[str, dict[str, str]] = {
-    "DbrxExperts": {"mlp.w1": "gate_up_proj", "mlp.v1": "gate_up_proj", "mlp.w2": "down_proj"}}
-FROM_STOCK: dict[str, Callable[[nn.Module, dict], dict]] = {"DbrxExperts": _dbrx_parts_from_stock}
+    "DbrxExperts": {"mlp.w1": "gate_up_proj", "mlp.v1": "gate_up_proj", "mlp.w2": "down_proj"},
+    "JetMoeMoE": _JETMOE_STOCK}
+FROM_STOCK: dict[str, Callable[[nn.Module, dict], dict]] = {"DbrxExperts": _dbrx_parts_from_stock,
+                                                            "JetMoeMoE": _jetmoe_parts_from_stock}
 
 
 def stock_source(model: nn.Module, key: str) -> tuple[str, str] | None:

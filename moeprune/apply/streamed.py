@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.adapters import MoELayer, find_moe_layers
+from moeprune.adapters.shims import expert_count_shared
 from moeprune.apply.surgery import _prepare_layer, set_expert_count, slice_layer
 from moeprune.io.checkpoint import PLAN_FILE, RECIPE_FILE, _patch_config_json, check_output_dir, publish_directory
 from moeprune.io.output_policy import COMPLETE_MARKER, clean_stale, temp_sibling
@@ -180,7 +181,8 @@ def streamed_apply(
     edits = list(edits or ())
     for edit in edits:
         counts = edit.final_counts(counts)
-    uniform = len(set(counts.values())) == 1 and all(edit.hub_layout() for edit in edits)
+    uniform = len(set(counts.values())) == 1 and all(edit.hub_layout() for edit in edits) \
+        and not expert_count_shared(model.config.get_text_config())  # JetMoE: module layout, per-layer counts
     edited = {i for edit in edits for i in edit.layers}
     prefix, decoder = decoder_layers(model)
     units = [f"{prefix}.{i}" for i in range(len(decoder))]

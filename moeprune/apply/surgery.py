@@ -19,6 +19,7 @@ from transformers import PretrainedConfig
 
 from moeprune.adapters import MoELayer, find_moe_layers
 from moeprune.adapters.layout import EXPERT_COUNT_ATTRS
+from moeprune.adapters.shims import expert_count_shared
 from moeprune.plan import LayerPlan, Plan, PlanError
 
 logger = logging.getLogger(__name__)
@@ -91,11 +92,12 @@ def set_expert_count(model: nn.Module, counts: dict[int, int]) -> None:
     for config in list(configs):  # sub-configs holding a count (DBRX: ffn_config.moe_num_experts)
         configs += [sub for sub in vars(config).values() if isinstance(sub, PretrainedConfig) and sub not in configs
                     and any(isinstance(getattr(sub, key, None), int) for key in EXPERT_COUNT_ATTRS)]
+    shared = expert_count_shared(text)  # JetMoE: the count also sizes attention experts; keep it
     for config in configs:
         for key in EXPERT_COUNT_ATTRS:
-            if isinstance(getattr(config, key, None), int):
+            if isinstance(getattr(config, key, None), int) and not shared:
                 setattr(config, key, count)
-        if len(values) > 1:
+        if len(values) > 1 or shared:
             setattr(config, PER_LAYER_KEY, {str(i): n for i, n in sorted(counts.items())})
         elif hasattr(config, PER_LAYER_KEY):
             delattr(config, PER_LAYER_KEY)
@@ -103,7 +105,7 @@ def set_expert_count(model: nn.Module, counts: dict[int, int]) -> None:
             logger.warning("setting num_nextn_predict_layers=0: MTP layers are not loaded by transformers (G11)")
             config.num_nextn_predict_layers = 0
     for attr in ("num_experts", "num_local_experts"):  # the causal-LM head caches it for the aux loss
-        if isinstance(getattr(model, attr, None), int):
+        if isinstance(getattr(model, attr, None), int) and not shared:
             setattr(model, attr, count)
 
 

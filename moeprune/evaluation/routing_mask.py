@@ -107,6 +107,10 @@ def _make_hook(experts: list[int], top_k: int, norm: bool):
             masked = output.clone()
             masked[..., experts] = float("-inf")
             return masked
+        if isinstance(output, tuple) and len(output) == 5 and type(module).__name__ == "JetMoeTopKGating":
+            masked = output[4].clone()  # the shimmed JetMoE block selects from these logits (adapters.shims)
+            masked[..., experts] = float("-inf")
+            return (*output[:4], masked)
         if isinstance(output, tuple) and len(output) == 2 and getattr(module, "scoring_func", None) == "sigmoid":
             return masked_sigmoid_scores(output[1], experts, top_k)
         if not (isinstance(output, tuple) and len(output) == 3):

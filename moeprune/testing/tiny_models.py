@@ -17,6 +17,7 @@ from transformers import (
     DeepseekV3Config,
     Glm4MoeConfig,
     DbrxConfig,
+    JetMoeConfig,
     GptOssConfig,
     Llama4TextConfig,
     MixtralConfig,
@@ -136,12 +137,18 @@ def _dbrx() -> PretrainedConfig:  # flat w1/v1/w2 experts (shimmed); 5.24 needs 
     )
 
 
+def _jetmoe() -> PretrainedConfig:  # MLP experts in two ParallelExperts (shimmed) + attention experts (kept)
+    c = {k: v for k, v in _COMMON.items() if k not in ("num_attention_heads",)}
+    return JetMoeConfig(**c, kv_channels=8, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2)
+
+
 # Families covered by the family table (tests/test_families.py) and the contract table, not (yet) by
 # every feature test that iterates FAMILY_CONFIGS.
 MORE_FAMILY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "qwen3_next": _qwen3_next,
     "llama4_text": _llama4_text,
     "dbrx": _dbrx,
+    "jetmoe": _jetmoe,
 }
 
 
