@@ -22,11 +22,41 @@ def test_streamed_nll_equals_in_memory(family, tmp_path):
     assert streamed_nll(path, ids, seq_len=16, batch_size=3, progress=False, memory_budget=3000) == reference
 
 
-def test_non_stock_outputs_are_refused(tmp_path):
+@pytest.mark.parametrize("edit", ["non-uniform", "slimmed", "dynamic-skip"])
+def test_moeprune_outputs_stream_as_they_reload(edit, tmp_path):
+    # outputs whose layers differ from a stock config are rebuilt as load_pruned rebuilds them
+    from moeprune import apply, calibrate, plan, save
+    from moeprune.apply.dynamic_skip import install_dynamic_skip
+    from moeprune.io.checkpoint import load_pruned
+
+    model, tok, _ = load_model(str(save_tiny_checkpoint("qwen3_moe", tmp_path / "src")))
+    ids = random_batch(272, 4, 16, seed=2)
+    stats = calibrate(model, ids, progress=False)
+    p = plan(stats, "frequency", 0.5, budget="global") if edit == "non-uniform" else plan(stats, "frequency", 0.25)
+    apply(model, p)
+    if edit == "slimmed":
+        from moeprune.slimming.run import slim_channels
+
+        slim_channels(model, stats, p, ratio=0.5, method="coverage")
+    if edit == "dynamic-skip":
+        install_dynamic_skip(model, {0: 0.5, 1: 0.3}, True)
+    out = save(model, tmp_path / "out", plan=p, tokenizer=tok)
+    config = json.loads((out / "config.json").read_text())
+    key = {"non-uniform": "moeprune_experts_per_layer", "slimmed": "moeprune_expert_widths",
+           "dynamic-skip": "moeprune_dynamic_skip"}[edit]
+    assert config.get(key), (edit, sorted(config))
+    check_streamable_output(out)
+    text = random_batch(272, 1, 70, seed=4).reshape(-1)
+    reference = nll_from_ids(load_pruned(out), text, seq_len=16, batch_size=3, progress=False)
+    total, count = streamed_nll(out, text, seq_len=16, batch_size=3, progress=False, memory_budget=3000)
+    assert count == reference[1] and total == pytest.approx(reference[0], rel=1e-6)
+
+
+def test_novice_outputs_are_refused(tmp_path):
     path = save_tiny_checkpoint("qwen3_moe", tmp_path / "m")
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "moeprune_experts_per_layer": {"0": 4, "1": 6}}))
-    with pytest.raises(ValueError, match="moeprune_experts_per_layer in config: streamed evaluation needs a stock checkpoint"):
+    (path / "config.json").write_text(json.dumps({**config, "moeprune_novices": {"0": [1]}}))
+    with pytest.raises(ValueError, match="moeprune_novices in config: streamed evaluation cannot rebuild it"):
         check_streamable_output(path)
 
 

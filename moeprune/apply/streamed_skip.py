@@ -18,37 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from moeprune.adapters import find_moe_layers
 from moeprune.engine.runner import as_batches
 from moeprune.engine.streamed_forward import StreamedForward
 from moeprune.apply.dynamic_skip import CONFIG_KEY, GateRatios, fitted_entry
-from moeprune.io.checkpoint import LAYER_WIDTH_KEY, PER_LAYER_KEY, PLAN_FILE
+from moeprune.io.checkpoint import PLAN_FILE, pruned_skeleton
 from moeprune.io.output_policy import write_text_atomic
 from moeprune.plan import Plan
-from moeprune.engine.skeleton import build_skeleton
 from moeprune.apply.output_edits import OutputEdits
-
-
-def output_skeleton(path: str | Path, dtype: torch.dtype) -> nn.Module:
-    """Meta skeleton of a moeprune output, with its per-layer expert counts and channel widths."""
-    from moeprune.apply.surgery import slice_layer
-
-    model = build_skeleton(path, dtype)
-    config = model.config
-    if getattr(config, "moeprune_novices", None):
-        raise ValueError("dynamic skipping of a MoNE (novice) output needs the model in memory; drop --offload")
-    counts = {int(k): int(v) for k, v in (getattr(config, PER_LAYER_KEY, None) or {}).items()}
-    for layer in find_moe_layers(model):
-        n = counts.get(layer.layer, layer.num_experts)
-        if n != layer.num_experts:
-            slice_layer(layer, list(range(n)))
-    if getattr(config, LAYER_WIDTH_KEY, None):
-        from moeprune.slimming.channels import resize_for_load
-
-        resize_for_load(model, config)
-    return model
 
 
 @torch.no_grad()
@@ -61,7 +39,9 @@ def streamed_gate_ratios(
 
     path = Path(path)
     dtype = resolve_dtype(dtype, path)
-    model = output_skeleton(path, dtype)
+    if json.loads((path / "config.json").read_text()).get("moeprune_novices"):
+        raise ValueError("dynamic skipping of a MoNE (novice) output needs the model in memory; drop --offload")
+    model = pruned_skeleton(path, dtype)
     recorder = GateRatios(find_moe_layers(model))  # hooks on the skeleton's modules fire on each loaded layer
     with StreamedForward(model, path, dtype, device, memory_budget, prefix="moeprune-skip-") as sf, recorder:
         sf.run(as_batches(ids, batch_size), progress=progress, desc="dynamic-skip betas")

@@ -5,10 +5,12 @@ The same windows and next-token NLL as `evaluation.perplexity.nll_from_ids` (non
 computes statistics: the model is a meta skeleton, the embeddings run every window up to the first
 decoder layer (recording each layer's call arguments), each decoder layer is read from the shards,
 runs all cached hidden states on `device` in the checkpoint's dtype and is freed (the loop is
-`engine.runner.LayerRunner`), and the final norm and the LM head turn the last hidden states into logits. Nothing but one layer (plus the
-embeddings, norm and head) is resident; hidden states wait in host memory up to `memory_budget`
-and spill to disk beyond it. Outputs whose layers differ from their config (non-uniform plans,
-MoNE novices, slimmed widths) are refused: evaluate those in memory with `moeprune eval`.
+`engine.streamed_forward.StreamedForward`), and the final norm and the LM head turn the last hidden
+states into logits. Nothing but one layer (plus the embeddings, norm and head) is resident; hidden
+states wait in host memory up to `memory_budget` and spill to disk beyond it. moeprune outputs
+whose layers differ from their config are rebuilt as `load_pruned` rebuilds them (per-layer expert
+counts, slimmed widths: `io.checkpoint.pruned_skeleton`; dynamic skipping from the config's betas);
+MoNE novices are refused: evaluate those in memory with `moeprune eval`.
 """
 
 from __future__ import annotations
@@ -21,19 +23,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeprune.engine.skeleton import build_skeleton, module_name
+from moeprune.apply.dynamic_skip import restore_dynamic_skip
+from moeprune.engine.skeleton import module_name
+from moeprune.io.checkpoint import pruned_skeleton
 from moeprune.engine.streamed_forward import StreamedForward
 from moeprune.evaluation.perplexity import iter_windows
 
-_NOT_STREAMABLE = ("moeprune_experts_per_layer", "moeprune_novices", "moeprune_expert_widths", "moeprune_dynamic_skip")
+_NOT_STREAMABLE = ("moeprune_novices",)  # novice vectors live outside the shards: evaluate those in memory
 
 
 def check_streamable_output(path: str | Path) -> None:
-    """Refuse checkpoints whose modules the config alone cannot rebuild on the meta device."""
+    """Refuse checkpoints whose modules a meta skeleton cannot rebuild layer by layer (MoNE novices)."""
     config = json.loads((Path(path) / "config.json").read_text())
     special = [k for k in _NOT_STREAMABLE if config.get(k)]
     if special:
-        raise ValueError(f"{path}: {', '.join(special)} in config: streamed evaluation needs a stock checkpoint; "
+        raise ValueError(f"{path}: {', '.join(special)} in config: streamed evaluation cannot rebuild it; "
                          "evaluate it in memory with `moeprune eval`")
 
 
@@ -56,7 +60,8 @@ def streamed_nll(
     path, device = Path(path), torch.device(device)
     check_streamable_output(path)
     dtype = resolve_dtype(dtype, path)
-    model = build_skeleton(path, dtype)
+    model = pruned_skeleton(path, dtype)  # per-layer expert counts and slimmed widths, as load_pruned builds
+    restore_dynamic_skip(model)  # the output's dynamic skipping (config betas), as load_pruned installs it
     windows = [{"input_ids": w} for w in iter_windows(ids, seq_len, batch_size)]
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     with StreamedForward(model, path, dtype, device, memory_budget, prefix="moeprune-eval-") as sf:

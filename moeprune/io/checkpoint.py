@@ -187,17 +187,17 @@ def _restore_extensions(model: nn.Module, path: Path) -> None:
         restore_dynamic_skip(model)
 
 
-def _load_non_uniform(path: Path, config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
+def pruned_skeleton(path: str | Path, dtype: torch.dtype, trust_remote_code: bool | None = None) -> nn.Module:
+    """Meta skeleton of a moeprune output with what its config alone does not build: per-layer
+    expert counts (`moeprune_experts_per_layer`) and channel-slimmed widths. The start of its
+    reload here and of the streamed passes over an output (evaluation, dynamic-skip fit)."""
     from moeprune.adapters import find_moe_layers
     from moeprune.apply.surgery import slice_layer
-    from moeprune.io.safetensors_io import read_checkpoint_tensors
+    from moeprune.io.lazy_load import build_skeleton
 
+    model = build_skeleton(path, dtype, trust_remote_code)
+    config = model.config
     counts = {int(k): int(v) for k, v in (getattr(config, PER_LAYER_KEY, None) or {}).items()}
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for layer in find_moe_layers(model):
         n = counts.get(layer.layer, layer.num_experts)
         if n != layer.num_experts:
@@ -206,6 +206,13 @@ def _load_non_uniform(path: Path, config: Any, dtype: torch.dtype, trust_remote_
         from moeprune.slimming.channels import resize_for_load
 
         resize_for_load(model, config)
+    return model
+
+
+def _load_non_uniform(path: Path, config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    from moeprune.io.safetensors_io import read_checkpoint_tensors
+
+    model = pruned_skeleton(path, dtype, trust_remote_code)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in read_checkpoint_tensors(path).items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})

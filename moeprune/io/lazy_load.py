@@ -26,14 +26,15 @@ from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, set_tensor
 logger = logging.getLogger(__name__)
 
 
-def build_skeleton(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model of checkpoint `path` with every parameter on the meta device."""
+def build_skeleton(path: str | Path, dtype: torch.dtype = torch.float32, remote_code: bool | None = None) -> nn.Module:
+    """The model of checkpoint `path` with every parameter on the meta device (`remote_code`:
+    run the checkpoint's own code; None: the process-wide `loading.trust_remote_code()`)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moeprune.io.loading import trust_remote_code
 
-    remote = trust_remote_code()  # explicit: never a y/N prompt, never checkpoint code unless opted in
+    remote = trust_remote_code() if remote_code is None else remote_code  # never a y/N prompt
     config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote)
