@@ -65,6 +65,8 @@ RECIPE_ROWS: list[dict[str, Any]] = [
      "auto": {"val_source": "builtin:third-party-mixed"}, "router_kd": KD},
     {"name": "soft-frequency + router-kd", "strategy": "soft-frequency", "ratio": 0.5, "router_kd": KD},
     {"name": "mone + router-kd", "strategy": "mone", "ratio": 0.5, "router_kd": KD},
+    {"name": "mone + router-kd on 3p text", "strategy": "mone", "ratio": 0.5,  # what auto (3p validation) picked
+     "router_kd": {**KD, "source": "builtin:third-party-mixed"}},
     {"name": "reap + sparsegpt 50%", "strategy": "reap", "ratio": 0.5,
      "sparsify": {"method": "sparsegpt", "sparsity": 0.5}},
     {"name": "auto + sparsegpt 50% + router-kd", "pick": "auto", "strategy": "auto", "ratio": 0.5,
