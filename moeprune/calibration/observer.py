@@ -123,38 +123,22 @@ class Observer:
 
         def sink(expert_ids, token_ids, gates, act, out, top_k_index, hidden) -> None:
             valid_tokens = self._valid(hidden.shape[0], hidden.device)
-            ids, g, f, a = expert_ids, gates.detach().float(), out.detach().float(), act.detach().float()
             g_ref = self._reference_gates(layer, expert_ids, token_ids, top_k_index)
-            if not bool(valid_tokens.all()):
-                keep = valid_tokens[token_ids]
-                ids, g, f, a, g_ref = ids[keep], g[keep], f[keep], a[keep], g_ref[keep]
-            # Rows are sorted by expert, so per-expert sums are segment reductions. Per-batch partial
-            # sums run in float32 (fast); accumulation across batches is float64.
-            lengths = torch.bincount(ids, minlength=num_experts)
-            norms = torch.linalg.vector_norm(f, dim=1)
-            ids_cpu = ids.cpu()
+            rows = None if bool(valid_tokens.all()) else valid_tokens[token_ids].nonzero().squeeze(1)
+            n = expert_ids.shape[0] if rows is None else rows.shape[0]
+            # Rows are sorted by expert, so per-expert sums are segment reductions. Their float32
+            # temporaries (outputs, activations, their squares) scale with the routed rows, so large
+            # batches are reduced ROW_CHUNK rows at a time: every statistic is a sum or a maximum.
+            for start in range(0, n, ROW_CHUNK):
+                pick = slice(start, start + ROW_CHUNK) if rows is None else rows[start : start + ROW_CHUNK]
+                _accumulate(stats.tensors, num_experts, expert_ids[pick], gates[pick].detach().float(),
+                            out[pick].detach().float(), act[pick].detach().float(), g_ref[pick])
             t = stats.tensors
-            t["count"] += lengths.double().cpu()
-            t["gate_sum"].index_add_(0, ids_cpu, g.double().cpu())
-            t["ean_sum"].index_add_(0, ids_cpu, norms.double().cpu())
-            gf = g.double() * norms.double()
-            t["reap_sum"].index_add_(0, ids_cpu, gf.cpu())
-            t["reap_sq_sum"].index_add_(0, ids_cpu, (gf * gf).cpu())
-            t["reap_ref_sum"].index_add_(0, ids_cpu, (g_ref.double() * norms.double()).cpu())
-            f_max = torch.maximum(f.amax(dim=1), -f.amin(dim=1))
-            a_max = torch.maximum(a.amax(dim=1), -a.amin(dim=1))
-            seg = lambda x, how="sum": torch.segment_reduce(x, how, lengths=lengths, axis=0, initial=0).double().cpu()  # noqa: E731
-            torch.maximum(t["max_out"], seg(f_max, "max"), out=t["max_out"])
-            torch.maximum(t["max_act"], seg(a_max, "max"), out=t["max_act"])
-            t["out_sum"] += seg(f)
-            t["out_sq"] += seg(f * f)
-            ga = g.unsqueeze(1) * a
-            t["act_gsq_sum"] += seg(ga * ga)
-            torch.maximum(t["act_gmax"], seg(ga * ga, "max"), out=t["act_gmax"])
-            t["act_sq_sum"] += seg(a * a)
             if layer.layer in self._attribution:
-                tok = token_ids if bool(valid_tokens.all()) else token_ids[valid_tokens[token_ids]]
-                self._attribution[layer.layer].record_routed(ids, tok, g.unsqueeze(1) * f, valid_tokens)
+                keep = slice(None) if rows is None else rows
+                tok, ids_all = token_ids[keep], expert_ids[keep]
+                gf_all = gates[keep].detach().float().unsqueeze(1) * out[keep].detach().float()
+                self._attribution[layer.layer].record_routed(ids_all, tok, gf_all, valid_tokens)
             selected = torch.zeros(hidden.shape[0], num_experts, dtype=torch.float32, device=hidden.device)
             picked = top_k_index >= 0  # -1: a MoNE novice pick (capture.routed_forward)
             selected.scatter_add_(1, top_k_index.clamp_min(0), picked.float())
@@ -189,6 +173,37 @@ class Observer:
         _, out = run_experts(layer.experts, sample.repeat(e, 1), ids)
         stats.tensors["dense_out_sum"] += out.double().view(e, n, -1).sum(1).cpu()
         stats.tensors["dense_tokens"] += n
+
+
+
+ROW_CHUNK = 4096  # routed (token, expert) rows reduced at once by the observer (bounds its temporaries)
+
+
+def _accumulate(t: dict[str, torch.Tensor], num_experts: int, ids: torch.Tensor, g: torch.Tensor, f: torch.Tensor,
+                a: torch.Tensor, g_ref: torch.Tensor) -> None:
+    """Add one block of expert-sorted routed rows to the layer's sums and maxima (float32 partial
+    sums per block, float64 accumulation)."""
+    lengths = torch.bincount(ids, minlength=num_experts)
+    norms = torch.linalg.vector_norm(f, dim=1)
+    ids_cpu = ids.cpu()
+    t["count"] += lengths.double().cpu()
+    t["gate_sum"].index_add_(0, ids_cpu, g.double().cpu())
+    t["ean_sum"].index_add_(0, ids_cpu, norms.double().cpu())
+    gf = g.double() * norms.double()
+    t["reap_sum"].index_add_(0, ids_cpu, gf.cpu())
+    t["reap_sq_sum"].index_add_(0, ids_cpu, (gf * gf).cpu())
+    t["reap_ref_sum"].index_add_(0, ids_cpu, (g_ref.double() * norms.double()).cpu())
+    f_max = torch.maximum(f.amax(dim=1), -f.amin(dim=1))
+    a_max = torch.maximum(a.amax(dim=1), -a.amin(dim=1))
+    seg = lambda x, how="sum": torch.segment_reduce(x, how, lengths=lengths, axis=0, initial=0).double().cpu()  # noqa: E731
+    torch.maximum(t["max_out"], seg(f_max, "max"), out=t["max_out"])
+    torch.maximum(t["max_act"], seg(a_max, "max"), out=t["max_act"])
+    t["out_sum"] += seg(f)
+    t["out_sq"] += seg(f * f)
+    ga2 = (g.unsqueeze(1) * a).square()
+    t["act_gsq_sum"] += seg(ga2)
+    torch.maximum(t["act_gmax"], seg(ga2, "max"), out=t["act_gmax"])
+    t["act_sq_sum"] += seg(a * a)
 
 
 def calibrate(
