@@ -74,6 +74,7 @@ class ShardedWriter:
         self._queued = 0
         self._error: BaseException | None = None
         self._stop = False
+        self._aborted = False
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._drain, name="moeprune-writer", daemon=True)
         self._thread.start()
@@ -88,7 +89,7 @@ class ShardedWriter:
                     return
                 file, data, size = self._queue[0]
             try:
-                if self._error is None:
+                if self._error is None and not self._aborted:
                     file.write(memoryview(data))
             except BaseException as err:  # disk full, I/O error: reported to the caller
                 self._error = err
@@ -109,10 +110,10 @@ class ShardedWriter:
         self._raise_error()
 
     def abort(self) -> None:
-        """Stop the writer thread, dropping what is queued (the caller removes the directory)."""
+        """Stop the writer thread; what is still queued is dropped unwritten (the caller removes
+        the directory). The thread itself empties the queue, so nothing is taken from under it."""
         with self._cv:
-            self._queue.clear()
-            self._queued = 0
+            self._aborted = True
             self._stop = True
             self._cv.notify_all()
         self._thread.join()
