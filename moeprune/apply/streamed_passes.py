@@ -37,13 +37,13 @@ from moeprune.adapters import MoELayer
 from moeprune.apply.surgery import _prepare_layer, slice_layer
 from moeprune.calibration.observer import Observer
 from moeprune.calibration.stats import ExpertStats
-from moeprune.engine.runner import LayerRunner, as_batches, capture_calls, decoder_layers
+from moeprune.engine.runner import LayerRunner, as_batches
 from moeprune.plan import Plan
 from moeprune.sparsify.collect import moe_by_decoder_index
 from moeprune.sparsify.expert_weights import expert_tensor_names
-from moeprune.engine.activations import ActivationStore
-from moeprune.engine.skeleton import build_skeleton, module_name, resident_to_device, to_device, to_host
-from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
+from moeprune.engine.skeleton import build_skeleton
+from moeprune.engine.streamed_forward import StreamedForward
+from moeprune.io.lazy_reader import LazyCheckpoint, materialise, release
 from moeprune.apply.output_edits import OutputEdits
 
 
@@ -56,29 +56,12 @@ class _Chain:
     def __init__(self, model: nn.Module, ckpt: LazyCheckpoint, batches: list[dict[str, torch.Tensor]], device: torch.device,
                  dtype: torch.dtype, scratch: Path, budget: int, edit: Callable[[int], None] | None = None) -> None:
         self.model, self.ckpt, self.dtype, self.device, self.edit = model, ckpt, dtype, device, edit
-        self.scratch, self.budget = scratch, budget
-        self.keymap = KeyMap(model, ckpt.keys())
-        self.prefix, layers = decoder_layers(model)
-        resident_to_device(model, device)
-        embed = materialise(model, self.keymap, ckpt, module_name(model, model.get_input_embeddings()), dtype)
-        to_device(model, embed, device)
-        self.inputs = self._store("in")
-        calls = []
-        for b, batch in enumerate(batches):
-            hidden, batch_calls = capture_calls(model, layers, batch, device)
-            calls.append(batch_calls)
-            self.inputs.put(b, to_host(hidden))
-        release(model, embed)
+        self.forward = StreamedForward(model, ckpt.path, dtype, device, 2 * budget, ckpt=ckpt, scratch=scratch)
+        self.keymap, self.prefix = self.forward.keymap, self.forward.layer_prefix
+        self.inputs, calls = self.forward.capture(batches)
         self.resident = False
-        self.runner = LayerRunner(layers, calls, device, load=self._load, release=self._release, host=True)
+        self.runner = LayerRunner(self.forward.layers, calls, device, load=self._load, release=self._release, host=True)
         self.next = 0
-
-    def _store(self, name: str) -> ActivationStore:
-        directory = self.scratch / name
-        directory.mkdir(parents=True, exist_ok=True)
-        for f in directory.glob("*.safetensors"):
-            f.unlink()
-        return ActivationStore(directory, self.budget)
 
     def _load(self, index: int) -> None:
         unit = f"{self.prefix}.{index}"
@@ -98,7 +81,7 @@ class _Chain:
         """Run the layers before `index` not yet run, then layer `index` with `visit` (`LayerRunner.step`)."""
         while self.next <= index:
             self.resident = resident and self.next == index
-            outputs = self._store(f"out{self.next % 2}")
+            outputs = self.forward.store(f"out{self.next % 2}")
             self.inputs = self.runner.step(self.next, self.inputs, visit if self.next == index else None, outputs)
             self.next += 1
         self.resident = False

@@ -1,6 +1,7 @@
 """Batches through a skeleton's decoder layers, each read from the shards once, for read-only passes.
 
-Streamed evaluation and the streamed dynamic-skip fit share one prelude and loop: build the
+Streamed evaluation, the streamed dynamic-skip fit and the streamed sparsify / local router KD chains
+(`apply.streamed_passes`, through `capture` and `store`) share one prelude and loop: build the
 skeleton of a checkpoint (or take one already resized), run every batch through the input
 embeddings while recording each decoder layer's call arguments (`runner.capture_calls`), then
 visit the layers with `runner.LayerRunner`, each materialised on the compute device, its next
@@ -34,14 +35,20 @@ class StreamedForward:
     """Read-only layer-wise forward of checkpoint `path` through the meta skeleton `model`."""
 
     def __init__(self, model: nn.Module, path: str | Path, dtype: torch.dtype, device: str | torch.device,
-                 memory_budget: str | int = "4GB", prefix: str = "moeprune-pass-") -> None:
+                 memory_budget: str | int = "4GB", prefix: str = "moeprune-pass-", ckpt: LazyCheckpoint | None = None,
+                 scratch: Path | None = None) -> None:
+        """`ckpt`/`scratch`: a reader and a directory the caller owns and shares (default: this
+        object's own, closed and removed by `close`); `memory_budget` is split between a layer's
+        inputs and outputs."""
         self.model, self.path, self.dtype, self.device = model, Path(path), dtype, torch.device(device)
         resident_to_device(model, self.device)  # rotary tables and other buffers built outside the shards
-        self.ckpt = LazyCheckpoint(self.path)
+        self._own_ckpt = ckpt is None
+        self.ckpt = LazyCheckpoint(self.path) if ckpt is None else ckpt
         self.keymap = KeyMap(model, self.ckpt.keys())
         self.layer_prefix, self.layers = decoder_layers(model)
         self.budget = parse_size(memory_budget) // 2  # inputs and outputs of a layer share the budget
-        self._scratch = tempfile.TemporaryDirectory(prefix=prefix)
+        self._scratch = tempfile.TemporaryDirectory(prefix=prefix) if scratch is None else None
+        self.scratch = Path(self._scratch.name) if scratch is None else Path(scratch)
         self.seconds: dict[str, float] = {}
 
     def load(self, module: str) -> list[str]:
@@ -50,21 +57,21 @@ class StreamedForward:
         to_device(self.model, names, self.device)
         return names
 
-    def _store(self, name: str) -> ActivationStore:
-        store = ActivationStore(Path(self._scratch.name) / name, self.budget)
-        store.directory.mkdir(exist_ok=True)
+    def store(self, name: str) -> ActivationStore:
+        """An empty activation store in the scratch subdirectory `name` (emptied if it was used)."""
+        store = ActivationStore(self.scratch / name, self.budget)
+        store.directory.mkdir(parents=True, exist_ok=True)
         for f in store.directory.glob("*.safetensors"):
             f.unlink()
         return store
 
     @torch.no_grad()
-    def run(self, batches: list[Batch], progress: bool = True, desc: str = "layers",
-            keep_embeddings: bool = False) -> ActivationStore:
-        """Every batch through the embeddings and all decoder layers; the last layer's outputs.
+    def capture(self, batches: list[Batch], keep_embeddings: bool = False) -> tuple[ActivationStore, list]:
+        """Every batch through the input embeddings: (layer-0 inputs, each batch's layer call arguments).
 
         `keep_embeddings`: leave the input embeddings loaded (e.g. a tied LM head reads them)."""
         embed = self.load(module_name(self.model, self.model.get_input_embeddings()))
-        current = self._store("in")
+        current = self.store("in")
         calls = []
         for b, batch in enumerate(batches):
             hidden, batch_calls = capture_calls(self.model, self.layers, batch, self.device)
@@ -72,6 +79,13 @@ class StreamedForward:
             current.put(b, to_host(hidden))
         if not keep_embeddings:
             release(self.model, embed)
+        return current, calls
+
+    @torch.no_grad()
+    def run(self, batches: list[Batch], progress: bool = True, desc: str = "layers",
+            keep_embeddings: bool = False) -> ActivationStore:
+        """Every batch through the embeddings and all decoder layers; the last layer's outputs."""
+        current, calls = self.capture(batches, keep_embeddings)
         names: list[str] = []
         ahead = Prefetcher(self.ckpt.shards, {i: self.keymap.keys_under(f"{self.layer_prefix}.{i}")
                                               for i in range(len(self.layers))})
@@ -83,7 +97,7 @@ class StreamedForward:
         runner = LayerRunner(self.layers, calls, self.device, load=load,
                              release=lambda index: release(self.model, names), host=True)
         try:
-            current = runner.run(current, new_store=lambda index: self._store(f"out{index % 2}"), progress=progress,
+            current = runner.run(current, new_store=lambda index: self.store(f"out{index % 2}"), progress=progress,
                                  desc=desc)
         finally:
             ahead.close()
@@ -91,8 +105,10 @@ class StreamedForward:
         return current
 
     def close(self) -> None:
-        self.ckpt.close()
-        self._scratch.cleanup()
+        if self._own_ckpt:
+            self.ckpt.close()
+        if self._scratch is not None:
+            self._scratch.cleanup()
 
     def __enter__(self) -> "StreamedForward":
         return self
