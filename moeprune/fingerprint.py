@@ -60,7 +60,7 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
 
 def checkpoint_fingerprint(path: str | Path) -> dict[str, Any]:
     """Fingerprint of a safetensors checkpoint directory, reading only the router tensors."""
-    from moeprune.engine.skeleton import build_skeleton
+    from moeprune.io.lazy_load import build_skeleton
     from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint
 
     path = Path(path)

@@ -93,7 +93,8 @@ def test_cpu_device_runs_prune_and_calibrate(tmp_path):
 
 def test_streamed_skeleton_buffers_follow_the_device(tmp_path):
     # The rotary tables are real tensors in the meta skeleton; they must move with the compute device.
-    from moeprune.engine.skeleton import build_skeleton, resident_to_device
+    from moeprune.io.lazy_load import build_skeleton
+    from moeprune.engine.skeleton import resident_to_device
 
     save_tiny_checkpoint("qwen3_moe", tmp_path / "model")
     model = build_skeleton(tmp_path / "model")

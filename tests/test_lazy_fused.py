@@ -8,7 +8,7 @@ from copy import deepcopy
 import pytest
 import torch
 
-from moeprune.engine.skeleton import build_skeleton
+from moeprune.io.lazy_load import build_skeleton
 from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint
 from moeprune.testing.tiny_models import save_tiny_checkpoint
 

@@ -45,7 +45,7 @@ from moeprune.io.safetensors_io import INDEX_FILE
 from moeprune.plan import LayerPlan, Plan, PlanError
 from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, _expert_regex, release, set_tensor
 from moeprune.engine.runner import decoder_layers
-from moeprune.engine.skeleton import build_skeleton
+from moeprune.io.lazy_load import build_skeleton
 from moeprune.io.prefetch import Prefetcher
 from moeprune.io.sharded_writer import ShardedWriter
 

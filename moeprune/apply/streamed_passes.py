@@ -41,7 +41,7 @@ from moeprune.engine.runner import LayerRunner, as_batches
 from moeprune.plan import Plan
 from moeprune.sparsify.collect import moe_by_decoder_index
 from moeprune.sparsify.expert_weights import expert_tensor_names
-from moeprune.engine.skeleton import build_skeleton
+from moeprune.io.lazy_load import build_skeleton
 from moeprune.engine.streamed_forward import StreamedForward
 from moeprune.io.lazy_reader import LazyCheckpoint, materialise, release
 from moeprune.apply.output_edits import OutputEdits

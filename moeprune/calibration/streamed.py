@@ -38,7 +38,8 @@ from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
 from moeprune.io.prefetch import Prefetcher
 from moeprune.calibration.work_dir import WorkDir, tensor_digest
 from moeprune.engine.activations import ActivationStore
-from moeprune.engine.skeleton import build_skeleton, module_name, resident_to_device, to_device, to_host
+from moeprune.io.lazy_load import build_skeleton
+from moeprune.engine.skeleton import module_name, resident_to_device, to_device, to_host
 from moeprune.io.sharded_writer import parse_size
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ class LazyExpertWeights:
     """A weights source for strategies that read expert weights (`model=` of `plan`)."""
 
     def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
-        from moeprune.engine.skeleton import build_skeleton
+        from moeprune.io.lazy_load import build_skeleton
 
         self.path = Path(path)
         self.dtype = dtype

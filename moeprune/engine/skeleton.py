@@ -1,7 +1,7 @@
 """The model as a meta-device skeleton, and moving its tensors between host and compute device.
 
 Every layer-wise path (streamed calibration, apply, evaluation, sparsify, router KD, dynamic
-skipping, task patterns) builds the model of a checkpoint with no weights (`build_skeleton`),
+skipping, task patterns) builds the model of a checkpoint with no weights (`io.lazy_load.build_skeleton`),
 materialises one module at a time into it (`io.lazy_reader.materialise`) and moves what it
 materialised to the compute device (`to_device`); these helpers are the one copy of that.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeprune.io.lazy_load import build_skeleton  # noqa: F401  (re-exported: built at the I/O layer)
 from moeprune.io.lazy_reader import set_tensor
 
 

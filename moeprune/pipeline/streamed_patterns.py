@@ -20,7 +20,8 @@ import torch
 from moeprune.adapters import find_moe_layers
 from moeprune.plan import Plan
 from moeprune.engine.runner import decoder_layers
-from moeprune.engine.skeleton import build_skeleton, module_name, resident_to_device, to_device
+from moeprune.io.lazy_load import build_skeleton
+from moeprune.engine.skeleton import module_name, resident_to_device, to_device
 from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
 
 

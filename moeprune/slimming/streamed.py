@@ -29,7 +29,7 @@ from moeprune.plan import Plan
 from moeprune.slimming.channels import record_widths
 from moeprune.slimming.run import SlimReport, check_slim_args, choose_keep, layer_totals, score_layer, slim_layer
 from moeprune.engine.runner import decoder_layers
-from moeprune.engine.skeleton import build_skeleton
+from moeprune.io.lazy_load import build_skeleton
 from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
 from moeprune.apply.output_edits import OutputEdits
 
