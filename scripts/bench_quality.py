@@ -67,6 +67,9 @@ RECIPE_ROWS: list[dict[str, Any]] = [
     {"name": "mone + router-kd", "strategy": "mone", "ratio": 0.5, "router_kd": KD},
     {"name": "mone + router-kd on 3p text", "strategy": "mone", "ratio": 0.5,  # what auto (3p validation) picked
      "router_kd": {**KD, "source": "builtin:third-party-mixed"}},
+    {"name": "mone, soft-frequency survivors", "strategy": "mone", "ratio": 0.5, "params": {"rank": "soft-frequency"}},
+    {"name": "mone, soft-frequency survivors + router-kd", "strategy": "mone", "ratio": 0.5,
+     "params": {"rank": "soft-frequency"}, "router_kd": KD},
     {"name": "reap + sparsegpt 50%", "strategy": "reap", "ratio": 0.5,
      "sparsify": {"method": "sparsegpt", "sparsity": 0.5}},
     {"name": "auto + sparsegpt 50% + router-kd", "pick": "auto", "strategy": "auto", "ratio": 0.5,

@@ -114,3 +114,17 @@ def test_stats_roundtrip_and_merge_keep_reap_sq_sum(tmp_path):
     assert torch.allclose(merged.layers[0].reap_sq_sum, a.layers[0].reap_sq_sum + b.layers[0].reap_sq_sum)
     loaded = ExpertStats.load(merged.save(tmp_path / "s.safetensors"))
     assert torch.equal(loaded.layers[1].reap_sq_sum, merged.layers[1].reap_sq_sum)
+
+
+def test_mone_soft_frequency_rank_keeps_the_most_gate_mass_and_novices_the_rest() -> None:
+    stats = _stats(seed=3)
+    p = plan(stats, "mone", 0.5, rank="soft-frequency")
+    for i, layer in p.layers.items():
+        gate = stats.layers[i].gate_sum
+        expected = sorted(torch.argsort(gate, descending=True)[:4].tolist())
+        assert layer.kept == expected
+        assert layer.novices == [j for j in range(8) if j not in expected]
+    default = plan(stats, "mone", 0.5)
+    assert any(default.layers[i].kept != p.layers[i].kept for i in p.layers)  # the spread factor matters here
+    with pytest.raises(PlanError, match="rank must be one of"):
+        plan(stats, "mone", 0.5, rank="reap")

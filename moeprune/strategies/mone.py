@@ -7,6 +7,9 @@ becomes a novice: the constant vector mu_j (its mean routed output). The router 
 tokens still route to novices and receive g_j(x) * mu_j. The novice vectors travel in the plan
 (each layer's `novice_vectors`), so `apply` needs no statistics; see `moeprune.apply.novice` for how
 the result is saved and reloaded.
+
+`rank="soft-frequency"` keeps the experts with the most gate mass instead (no spread factor) and
+still replaces the rest by novices: soft frequency's choice of survivors with MoNE's stand-ins.
 """
 
 from __future__ import annotations
@@ -25,13 +28,19 @@ def redundancy_score(stats: LayerStats) -> torch.Tensor:
     return stats.output_std() * (stats.gate_sum / stats.tokens.clamp_min(1))
 
 
+RANKS = {"redundancy": redundancy_score, "soft-frequency": LayerStats.soft_frequency}
+
+
 @register_strategy("mone", "replace redundant experts by constant novice vectors (MoNE); router unchanged")
-def mone(stats: ExpertStats, ratio: float, budget: str = "layer", protect_super: bool = False) -> Plan:
+def mone(stats: ExpertStats, ratio: float, budget: str = "layer", protect_super: bool = False,
+         rank: str = "redundancy") -> Plan:
     check_ratio(ratio)
+    if rank not in RANKS:
+        raise PlanError(f"mone rank must be one of {', '.join(RANKS)}, got {rank!r}")
     if budget != "layer":
         raise PlanError("mone keeps the top P experts per layer (budget='layer'); a global budget is not supported")
     routing, top_k, n_group = routing_of(stats)
-    scores = {i: redundancy_score(s).double() for i, s in sorted(stats.layers.items())}
+    scores = {i: RANKS[rank](s).double() for i, s in sorted(stats.layers.items())}
     protected = super_experts(stats) if protect_super else {i: [] for i in scores}
     ranked = {}
     for i, s in scores.items():
@@ -45,5 +54,5 @@ def mone(stats: ExpertStats, ratio: float, budget: str = "layer", protect_super:
         vectors = encode_vectors(stats.layers[i].output_mean()[novices]) if novices else None
         layers[i] = LayerPlan(layer=i, num_experts=s.numel(), kept=kept[i], scores=[float(x) for x in s],
                               novices=novices or None, novice_vectors=vectors)
-    params = {"ratio": ratio, "protect_super": protect_super}
+    params = {"ratio": ratio, "protect_super": protect_super, "rank": rank}
     return Plan(strategy="mone", params=params, layers=layers, top_k=top_k, routing=routing)
