@@ -29,7 +29,7 @@ from moeprune.testing.checks import safetensors_bytes
 from moeprune.testing.tiny_models import random_batch, save_tiny_checkpoint
 
 ALL = ("qwen3_moe", "gpt_oss", "deepseek_v3")
-MORE = ("qwen3_next", "llama4_text", "dbrx", "jetmoe")  # hybrid attention; Llama4, DBRX, JetMoE through shims
+MORE = ("qwen3_next", "llama4_text", "dbrx", "jetmoe", "longcat_flash")  # hybrid attention; Llama4, DBRX, JetMoE, LongCat through shims
 # (strategy, params, ratio, families)
 CASES = [
     ("frequency", {}, 0.5, ALL),
@@ -37,8 +37,8 @@ CASES = [
     ("ean", {}, 0.5, ("qwen3_moe",)),
     ("hc-smoe", {"router": "average"}, 0.5, ALL),
     ("m-smoe", {}, 0.5, ALL),
-    ("dern", {"threshold": 0.0}, 0.5, ALL),
-    ("stun", {}, 0.5, ("qwen3_moe", "gpt_oss")),  # no group-limited routers; weights streamed per layer
+    ("dern", {"threshold": 0.0}, 0.5, ALL + ("longcat_flash",)),
+    ("stun", {}, 0.5, ("qwen3_moe", "gpt_oss", "longcat_flash")),  # no group-limited routers; weights streamed per layer
     ("stun", {"merge": True}, 0.5, ("qwen3_moe",)),
     ("mone", {}, 0.5, ALL),  # novices: router keeps E rows, extension file next to the shards
     ("reap", {}, 0.5, MORE),  # selection route

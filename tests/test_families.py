@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeprune import apply, calibrate, plan, save
-from moeprune.adapters import NotAnMoEModelError, find_moe_layers
+from moeprune.adapters import find_moe_layers
 from moeprune.adapters.shims import expert_count_shared
 from moeprune.io.checkpoint import load_pruned
 from moeprune.evaluation.routing_mask import mask_experts
@@ -19,7 +19,8 @@ from moeprune.testing.checks import logits_of as _logits
 
 # routers whose selection `mask_experts` reproduces (softmax top-k, Llama4's sigmoid top-k, DBRX's logits);
 # group-limited routers (DeepSeek-V3, GLM-4.5) regroup after pruning, so masking is not their reference
-MASKABLE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "qwen3_next", "llama4_text", "dbrx", "jetmoe")
+MASKABLE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "qwen3_next", "llama4_text", "dbrx", "jetmoe",
+            "longcat_flash")
 
 
 @pytest.fixture(params=sorted(FAMILY_CONFIGS) + sorted(MORE_FAMILY_CONFIGS))
@@ -73,8 +74,9 @@ def test_pruned_model_runs_with_labels_and_router_logits(family, implementation)
         pytest.skip(f"{family}: transformers offers no experts implementation switch (the shim runs grouped_mm)")
     out = model(ids, labels=ids, output_router_logits=True)
     assert torch.isfinite(out.loss)
-    if getattr(out, "router_logits", None) is not None:
-        assert all(t.shape[-1] == 4 for t in out.router_logits)
+    if getattr(out, "router_logits", None) is not None:  # LongCat's routers keep their identity columns
+        columns = 4 + find_moe_layers(model)[0].routing.identity_experts
+        assert all(t.shape[-1] == columns for t in out.router_logits)
 
 
 @pytest.mark.parametrize("family", MASKABLE)
@@ -103,21 +105,32 @@ def test_llama4_shim_computes_the_stock_forward():
     assert len(find_moe_layers(model)) == 2  # installing again is a no-op
 
 
-def _unsupported_config(family: str):
-    from transformers import LongcatFlashConfig
-
-    return LongcatFlashConfig(hidden_size=32, num_layers=1, num_attention_heads=4, vocab_size=64, ffn_hidden_size=32,
-                              q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8,
-                              v_head_dim=8, moe_topk=2, n_routed_experts=4, zero_expert_num=2, expert_ffn_hidden_size=16)
-
-
-@pytest.mark.parametrize("family", ["longcat_flash"])
-def test_unsupported_families_are_refused_in_one_line(family):
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(_unsupported_config(family))
-    with pytest.raises(NotAnMoEModelError, match="cannot prune") as err:
-        find_moe_layers(model)
-    assert "\n" not in str(err.value)
+def test_longcat_shim_computes_the_stock_forward_and_prunes_real_experts_only(tmp_path):
+    model = tiny_model("longcat_flash")
+    ids = random_batch(model.config.vocab_size, batch=2, seq_len=10)
+    stock, stock_state = _logits(model, ids), {k: v.clone() for k, v in model.state_dict().items()}
+    layers = find_moe_layers(model)
+    assert [(layer.num_experts, layer.routing.identity_experts, layer.routing.scoring) for layer in layers] == \
+        [(8, 3, "softmax")] * 2
+    torch.testing.assert_close(_logits(model, ids), stock, rtol=0, atol=1e-6)
+    state = model.state_dict()  # stock names and shapes; the never-read identity rows of gate_up_proj are zeros
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in stock_state.items()}
+    gate_up = "model.layers.0.mlp.experts.gate_up_proj"
+    assert torch.equal(state[gate_up][:8], stock_state[gate_up][:8]) and not state[gate_up][8:].any()
+    stats = calibrate(model, ids, progress=False)
+    picks = stats.layers[0].count.sum()
+    assert 0 < picks < 2 * 20  # identity picks are not any real expert's tokens
+    router = layers[0].router
+    weight, bias = router.classifier.weight.clone(), router.e_score_correction_bias.clone()
+    p = plan(stats, "reap", 0.5)
+    apply(model, p)
+    kept = p.layers[0].kept
+    assert torch.equal(router.classifier.weight, torch.cat([weight[kept], weight[8:]]))
+    assert torch.equal(router.e_score_correction_bias, torch.cat([bias[kept], bias[8:]]))
+    assert (router.n_routed_experts, router.num_experts, layers[0].experts.total_experts) == (7, 4, 7)
+    out = save(model, tmp_path / "out", plan=p)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["n_routed_experts"], config["zero_expert_num"]) == (4, 3)
 
 
 def test_dbrx_shim_keeps_the_stock_state_dict_and_streams(tmp_path):
@@ -148,3 +161,19 @@ def test_dbrx_shim_keeps_the_stock_state_dict_and_streams(tmp_path):
     assert keymap.unexpected == []
     target = keymap.targets["transformer.blocks.0.ffn.experts.mlp.w1"]
     assert target.model_key == "transformer.blocks.0.ffn.experts.gate_up_proj"
+
+
+def test_longcat_refuses_novices_naee_and_dynamic_skip_in_one_line():
+    from moeprune.apply.dynamic_skip import install_dynamic_skip
+    from moeprune.plan import PlanError
+
+    model = tiny_model("longcat_flash")
+    ids = random_batch(model.config.vocab_size, batch=2, seq_len=10)
+    stats = calibrate(model, ids, progress=False, sample_tokens=8)  # NAEE's token sample skips identity picks
+    assert stats.layers[0].tensors["sample_gates"].shape == (8, 8)
+    for strategy in ("mone", "naee"):
+        with pytest.raises(PlanError, match="identity") as err:
+            plan(stats, strategy, 0.5)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="identity"):
+        install_dynamic_skip(model, {0: 0.5}, renormalize=False)

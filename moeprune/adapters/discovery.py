@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from moeprune.adapters.layout import ExpertLayout, RoutingInfo, routing_info
+from moeprune.adapters.layout import ExpertLayout, RoutingInfo, identity_experts, routing_info
 from moeprune.adapters.shims import install_shims, unsupported_reason
 
 SHARED_EXPERT_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
@@ -119,7 +119,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
                 experts=module,
                 router=router,
                 router_name=f"{block_name}.{router_name}" if block_name else router_name,
-                routing=routing_info(router, text_config, logits_index),
+                routing=routing_info(router, text_config, logits_index, identity_experts(module)),
                 shared=shared,
             )
         )

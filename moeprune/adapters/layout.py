@@ -21,6 +21,14 @@ TOP_K_ATTRS = ("num_experts_per_tok", "top_k", "moe_k", "moe_topk", "num_selecte
 # experts; NOVICE_MAP_BUFFER [E] maps a router column to its kept slot, or -(novice position + 1).
 NOVICE_MAP_BUFFER = "moeprune_expert_map"
 NOVICE_VECTOR_BUFFER = "moeprune_novice_vectors"
+# LongCat-Flash's zero-compute experts: the router has E + Z columns, the last Z select the identity
+# (the token itself, times its gate); the experts module holds the E real experts (adapters.longcat)
+IDENTITY_EXPERTS_ATTR = "zero_expert_num"
+
+
+def identity_experts(experts: nn.Module) -> int:
+    """How many identity (zero-compute) experts follow `experts`' real ones in its router (LongCat)."""
+    return int(getattr(experts, IDENTITY_EXPERTS_ATTR, 0) or 0)
 
 
 def kept_columns(experts: nn.Module) -> torch.Tensor | None:
@@ -30,6 +38,13 @@ def kept_columns(experts: nn.Module) -> torch.Tensor | None:
         return None
     kept = torch.nonzero(mapping >= 0).squeeze(1)
     return kept[mapping[kept].argsort()]
+
+
+def refuse_identity_experts(layer: Any, what: str) -> None:
+    """Raise ValueError (one line) when `layer` (an `MoELayer`) routes to identity experts too."""
+    if layer.routing.identity_experts:
+        raise ValueError(f"layer {layer.layer}: {what} does not support routers with identity (zero-compute) "
+                         "experts (LongCat-Flash)")
 
 
 @dataclass(frozen=True)
@@ -117,13 +132,17 @@ class RoutingInfo:
     has_bias: bool
     has_correction_bias: bool
     logits_index: int
+    identity_experts: int = 0  # router columns after the real experts that select the identity (LongCat)
 
     @property
     def group_limited(self) -> bool:
         return self.n_group > 1
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        if not self.identity_experts:
+            out.pop("identity_experts")
+        return out
 
 
 def first_attr(objects: list[Any], names: tuple[str, ...], default: Any = None) -> Any:
@@ -136,12 +155,14 @@ def first_attr(objects: list[Any], names: tuple[str, ...], default: Any = None) 
     return default
 
 
-def routing_info(router: nn.Module, config: Any, logits_index: int) -> RoutingInfo:
-    """Routing semantics of `router`, from its attributes first and the config second."""
+def routing_info(router: nn.Module, config: Any, logits_index: int, identity: int = 0) -> RoutingInfo:
+    """Routing semantics of `router`, from its attributes first and the config second (a shim's
+    `moeprune_scoring` on the router wins: LongCat is softmax with a correction bias)."""
     sources = [router, config]
     correction = getattr(router, "e_score_correction_bias", None) is not None
     scoring_func = first_attr(sources, ("scoring_func",))
     scoring = "sigmoid" if correction or scoring_func == "sigmoid" else "softmax"
+    scoring = getattr(router, "moeprune_scoring", None) or scoring
     n_group = int(first_attr(sources, ("num_group", "n_group"), 1) or 1)
     topk_group = int(first_attr(sources, ("topk_group",), n_group) or n_group)
     if getattr(router, "topk_method", getattr(config, "topk_method", None)) == "greedy":
@@ -156,4 +177,5 @@ def routing_info(router: nn.Module, config: Any, logits_index: int) -> RoutingIn
         has_bias=getattr(router, "bias", None) is not None,
         has_correction_bias=correction,
         logits_index=logits_index,
+        identity_experts=int(identity),
     )

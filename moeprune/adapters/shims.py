@@ -31,6 +31,9 @@ follow the contract and compute the same function:
   `num_local_experts` also sizes them, so `SHARED_EXPERT_COUNT` makes a pruned JetMoE keep the count
   and record per-layer counts (module layout, reloaded by `load_pruned`).
 
+* LongCat-Flash (`LongcatFlashMoE`): zero-compute (identity) experts share the router with the real
+  ones; `adapters/longcat.py` shims its experts module (see there).
+
 Families that store experts some other way are refused by discovery with one line
 (`UNSUPPORTED_FAMILIES`).
 """
@@ -52,12 +55,8 @@ def expert_count_shared(config) -> bool:
     return getattr(config, "model_type", None) in SHARED_EXPERT_COUNT
 
 
-# model_type -> why moeprune cannot prune it yet (one line, shown by discovery)
-UNSUPPORTED_FAMILIES = {
-    "longcat_flash": "LongCat-Flash mixes zero-compute (identity) experts into its routed experts "
-                     "(router and gate_up_proj have n_routed + zero rows, down_proj n_routed), "
-                     "which moeprune cannot prune yet",
-}
+# model_type -> why moeprune cannot prune it yet (one line, shown by discovery); none at present
+UNSUPPORTED_FAMILIES: dict[str, str] = {}
 
 
 def _llama4_moe_forward(self: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,8 +220,15 @@ def _shim_jetmoe(block: nn.Module) -> None:
     block.router.norm_topk_prob = True  # softmax over the top-k logits = softmax, then renormalised
 
 
+def _shim_longcat(block: nn.Module) -> None:
+    from moeprune.adapters.longcat import shim_longcat
+
+    shim_longcat(block, _subclass)
+    block.__class__ = _subclass(type(block), {})  # marks the block shimmed (install_shims is idempotent)
+
+
 SHIMS: dict[str, Callable[[nn.Module], None]] = {"Llama4TextMoe": _shim_llama4, "DbrxFFN": _shim_dbrx,
-                                                 "JetMoeMoE": _shim_jetmoe}
+                                                 "JetMoeMoE": _shim_jetmoe, "LongcatFlashMoE": _shim_longcat}
 STOCK_KEYS_DIFFER = ("DbrxExperts", "JetMoeMoE")  # shimmed modules whose parameters are not the checkpoint's tensors
 # For those: {checkpoint name under the module: the parameter it feeds}, and the conversion, which the
 # streamed reader (`io.lazy_reader.KeyMap`) applies to the tensors of one parameter at a time.
@@ -247,6 +253,19 @@ def stock_source(model: nn.Module, key: str) -> tuple[str, str] | None:
             if sources and suffix in sources:
                 return prefix, sources[suffix]
     return None
+
+
+def loaded_trims(model: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """{parameter name: conversion} for shimmed parameters that are a part of the checkpoint tensor
+    of the same name (LongCat's gate_up_proj holds the real experts' rows of the stock one); the
+    streamed reader applies them to what it loads."""
+    from moeprune.adapters.longcat import trim_gate_up
+
+    out = {}
+    for name, module in model.named_modules():
+        if getattr(type(module), "_moeprune_shim", False) and type(module).__name__ == "LongcatFlashExperts":
+            out[f"{name}.gate_up_proj"] = lambda value, m=module: trim_gate_up(m, value)
+    return out
 
 
 def from_stock(module: nn.Module, stock: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from moeprune.adapters import find_moe_layers
 from moeprune.adapters.forward_patches import install_forward
+from moeprune.adapters.layout import refuse_identity_experts
 from moeprune.calibration.capture import run_experts
 from moeprune.engine.runner import as_batches
 
@@ -60,6 +61,8 @@ class GateRatios:
     def __init__(self, layers: list) -> None:
         if layers[0].routing.top_k < 2:
             raise ValueError("dynamic skipping compares the second routing weight to the first; it needs top-k >= 2")
+        for layer in layers:
+            refuse_identity_experts(layer, "dynamic skipping")
         self.layers = layers
         self.ratios: dict[int, list[torch.Tensor]] = {layer.layer: [] for layer in layers}
         self.sums: list[torch.Tensor] = []
@@ -157,6 +160,7 @@ def install_dynamic_skip(model: nn.Module, betas: dict[int, float], renormalize:
         raise ValueError(f"dynamic skip betas name MoE layers {missing} the model does not have")
     for index, beta in betas.items():
         experts = layers[index].experts
+        refuse_identity_experts(layers[index], "dynamic skipping")
         if not 0.0 <= float(beta) <= 1.0:
             raise ValueError(f"layer {index}: beta must be in [0, 1], got {beta}")
         setattr(experts, _COUNTS, [0, 0])

@@ -88,6 +88,9 @@ def install_novices(model: nn.Module, layer: MoELayer, lp: LayerPlan, vectors: t
     e = layer.num_experts
     novices = list(lp.novices or [])
     where = f"layer {lp.layer}"
+    if layer.routing.identity_experts:
+        raise PlanError(f"{where}: MoNE novices do not support routers with identity (zero-compute) experts "
+                        "(LongCat-Flash); use a selection or merging strategy")
     if sorted(lp.kept + novices) != list(range(e)):
         raise PlanError(f"{where}: with novices, every expert must be kept or a novice (router keeps all {e} rows)")
     if vectors is None:

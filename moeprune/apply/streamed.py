@@ -95,7 +95,10 @@ class _Job:
                 self.writer.add(name, tensor)
 
     def selection(self, keys: list[str], layer: MoELayer, lp: LayerPlan) -> bool:
-        """Selection route; False (nothing written) when a per-expert tensor's layout is not recognised."""
+        """Selection route; False (nothing written) when a per-expert tensor's layout is not recognised
+        or the router has identity columns (LongCat: router rows and gate_up_proj are not E-row tensors)."""
+        if layer.routing.identity_experts:
+            return False
         sliceable = _per_expert_tensors(self.model, layer)
         actions: list[tuple[str, str, Any]] = []  # (disk key, output key, rows or None)
         new_index = {j: i for i, j in enumerate(lp.kept)}

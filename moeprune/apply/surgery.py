@@ -54,12 +54,19 @@ def slice_module(module: nn.Module, index: torch.Tensor, num_experts: int, allow
 
 
 def slice_layer(layer: MoELayer, kept: list[int]) -> None:
-    """Keep experts `kept` (in that order) in one MoE layer."""
+    """Keep experts `kept` (in that order) in one MoE layer. A router with identity columns after
+    the real experts (LongCat's zero experts) keeps all of them, after the kept rows."""
     num_experts = layer.num_experts
     index = torch.tensor(kept, dtype=torch.long)
     slice_module(layer.experts, index, num_experts)
+    identity = layer.routing.identity_experts
+    rows = torch.cat([index, torch.arange(num_experts, num_experts + identity)]) if identity else index
     for sub in layer.router.modules():
-        slice_module(sub, index, num_experts, allow_dim1=True)
+        slice_module(sub, rows, num_experts + identity, allow_dim1=True)
+        if identity:  # counts of the real experts only (LongCat's router.num_experts)
+            for attr in EXPERT_COUNT_ATTRS:
+                if isinstance(getattr(sub, attr, None), int) and getattr(sub, attr) == num_experts:
+                    setattr(sub, attr, len(kept))
     slice_module(layer.block, index, num_experts)
 
 

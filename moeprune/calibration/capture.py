@@ -9,7 +9,9 @@ weighting and summing. Only routed tokens go through an expert.
 
 On a layer with MoNE novices (router E columns, P kept experts, `adapters.layout.NOVICE_MAP_BUFFER`)
 the router's picks are mapped to kept slots; picks of novices add g * mu and never reach the sink,
-whose `top_k_index` then holds kept slots with -1 for novice picks.
+whose `top_k_index` then holds kept slots with -1 for novice picks. Identity experts (LongCat's zero
+experts: router columns >= E, `adapters.layout.identity_experts`) are stand-ins the same way: their
+picks add g * x and reach the sink as -1.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 from transformers.integrations.moe import _grouped_linear
 
-from moeprune.adapters.layout import NOVICE_MAP_BUFFER, NOVICE_VECTOR_BUFFER
+from moeprune.adapters.layout import NOVICE_MAP_BUFFER, NOVICE_VECTOR_BUFFER, identity_experts
 from moeprune.adapters.forward_patches import patch_forward as owned_patch
 
 
@@ -69,7 +71,14 @@ def routed_forward(
 ) -> torch.Tensor:
     """Drop-in experts forward: same result as the grouped_mm implementation, plus a sink call."""
     if getattr(experts, NOVICE_MAP_BUFFER, None) is not None:
-        return _novice_routed_forward(experts, hidden_states, top_k_index, top_k_weights, sink)
+        mapped = getattr(experts, NOVICE_MAP_BUFFER)[top_k_index]  # kept slot, or -(novice position + 1)
+        vectors = getattr(experts, NOVICE_VECTOR_BUFFER)[(-mapped - 1).clamp_min(0)]  # [T, k, H]
+        return _standin_routed_forward(experts, hidden_states, mapped, top_k_weights, sink,
+                                       lambda w: (w.unsqueeze(-1) * vectors.to(w.dtype)).sum(dim=1))
+    if identity_experts(experts):
+        mapped = top_k_index.masked_fill(top_k_index >= experts.gate_up_proj.shape[0], -1)
+        return _standin_routed_forward(experts, hidden_states, mapped, top_k_weights, sink,
+                                       lambda w: w.sum(dim=1, keepdim=True) * hidden_states.to(w.dtype))
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.shape
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
@@ -95,27 +104,28 @@ def patch_forward(experts: nn.Module, sink: RoutedSink | None, owner: str = "cal
     return owned_patch(experts, forward, owner)  # over a novice / dynamic-skip forward, restored after
 
 
-def _novice_routed_forward(
+def _standin_routed_forward(
     experts: nn.Module,
     hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor,
+    mapped: torch.Tensor,
     top_k_weights: torch.Tensor,
     sink: RoutedSink | None,
+    standins: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """`routed_forward` of a MoNE layer: kept picks through the experts (and the sink), novices as g * mu."""
-    num_top_k = top_k_index.size(-1)
-    mapped = getattr(experts, NOVICE_MAP_BUFFER)[top_k_index]  # kept slot, or -(novice position + 1)
-    novice = mapped < 0
-    real = torch.nonzero(~novice.reshape(-1)).squeeze(1)
+    """`routed_forward` of a layer whose picks are expert slots (>= 0) or stand-ins (< 0: MoNE
+    novices, identity experts): slots through the experts (and the sink), stand-ins as
+    `standins(their gates [T, k], 0 elsewhere) -> [T, H]`."""
+    num_top_k = mapped.size(-1)
+    standin = mapped < 0
+    real = torch.nonzero(~standin.reshape(-1)).squeeze(1)
     expert_ids, order = torch.sort(mapped.reshape(-1)[real])
     perm = real[order]
     token_ids = perm // num_top_k
     gates = top_k_weights.reshape(-1)[perm]
     act, out = run_experts(experts, hidden_states[token_ids], expert_ids)
     if sink is not None:
-        sink(expert_ids, token_ids, gates, act, out, mapped.masked_fill(novice, -1), hidden_states)
+        sink(expert_ids, token_ids, gates, act, out, mapped.masked_fill(standin, -1), hidden_states)
     result = torch.zeros(hidden_states.shape[0], out.shape[-1], dtype=out.dtype, device=out.device)
     result.index_add_(0, token_ids, out * gates.unsqueeze(-1).to(out.dtype))
-    vectors = getattr(experts, NOVICE_VECTOR_BUFFER).to(out.dtype)[(-mapped - 1).clamp_min(0)]
-    result += (top_k_weights.masked_fill(~novice, 0).to(out.dtype).unsqueeze(-1) * vectors).sum(dim=1)
+    result += standins(top_k_weights.masked_fill(~standin, 0).to(out.dtype))
     return result.to(hidden_states.dtype)

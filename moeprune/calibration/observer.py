@@ -104,16 +104,19 @@ class Observer:
             kept = kept_columns(layer.experts)  # MoNE novices: statistics of the kept experts' columns
             if kept is not None:
                 logits = logits[:, kept.to(logits.device)]
+            self._logits[layer.layer] = logits  # reference gates: over every column (LongCat's identity ones too)
             valid = self._valid(logits.shape[0], logits.device)
-            l64 = logits[valid].double()
-            probs = l64.sigmoid() if sigmoid else l64.softmax(dim=-1)
+            full = logits[valid].double()
+            real = layer.num_experts  # LongCat: the real experts' columns, probabilities over all columns
+            l64 = full[:, :real]
+            probs = full.sigmoid() if sigmoid else full.softmax(dim=-1)
+            probs = probs[:, :real]
             t = stats.tensors
             t["tokens"] += l64.shape[0]
             t["prob_sum"] += probs.sum(0).cpu()
             t["logit_sum"] += l64.sum(0).cpu()
             t["logit_gram"] += (l64.T @ l64).cpu()
             accumulate_peu(t, l64, layer.routing.top_k)
-            self._logits[layer.layer] = logits
             return None
 
         return hook

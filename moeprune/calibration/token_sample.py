@@ -90,7 +90,10 @@ class TokenSampler:
 
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             logits = output[index] if isinstance(output, (tuple, list)) else output
-            self._logits[layer.layer] = logits.detach().reshape(-1, logits.shape[-1])
+            logits = logits.detach().reshape(-1, logits.shape[-1])
+            if layer.routing.identity_experts:  # LongCat: the real experts' columns (identity ones after them)
+                logits = logits[:, : layer.num_experts]
+            self._logits[layer.layer] = logits
             return None
 
         return hook
@@ -129,7 +132,9 @@ class TokenSampler:
             return
         dev_rows = rows.to(hidden.device)
         gates = torch.zeros(rows.numel(), layer.num_experts, dtype=torch.float64)
-        gates.scatter_(1, index[dev_rows].long().cpu(), weights[dev_rows].double().cpu())
+        picks, picked = index[dev_rows].long().cpu(), weights[dev_rows].double().cpu()
+        identity = picks >= layer.num_experts  # LongCat's identity picks: no real expert's gate
+        gates.scatter_add_(1, picks.masked_fill(identity, 0), picked.masked_fill(identity, 0))
         new = {
             "sample_keys": keys,
             "sample_logits": logits[dev_rows].double().cpu(),

@@ -13,6 +13,8 @@ Llama4's router (marked `scoring_func = "sigmoid"` by the adapters' shim) return
 ``(scores [T, E], router_logits [T, E])``: top-k on the logits, sigmoid of the selected ones, 0
 elsewhere; its hook redoes that selection on the masked logits (`masked_sigmoid_scores`). Routers
 that return the logits alone (DBRX) get them back masked; their block selects from those.
+LongCat-Flash's router (softmax with a correction bias over real and identity columns, marked
+`moeprune_scoring = "softmax"` by its shim) is redone the same way (`masked_corrected_routing`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,21 @@ def masked_sigmoid_scores(
     values, index = torch.topk(masked, top_k, dim=1)
     scores = torch.full_like(masked, float("-inf")).scatter_(1, index, values)
     return torch.sigmoid(scores.float()).to(scores.dtype), masked
+
+
+def masked_corrected_routing(
+    router: nn.Module, logits: torch.Tensor, dropped: Sequence[int], top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LongCat routing with ``dropped`` experts excluded: softmax over every column, top-k of
+    softmax + correction bias, gates = softmax x routed_scaling_factor; returns (logits, weights, index)."""
+    masked = logits.clone()
+    masked[:, list(dropped)] = float("-inf")
+    scores = masked.float().softmax(dim=-1)
+    choice = scores + router.e_score_correction_bias.float().unsqueeze(0)
+    choice[:, list(dropped)] = float("-inf")
+    index = torch.topk(choice, top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, index) * router.routed_scaling_factor
+    return masked, weights.to(logits.dtype), index
 
 
 @contextlib.contextmanager
@@ -113,6 +130,8 @@ def _make_hook(experts: list[int], top_k: int, norm: bool):
             return (*output[:4], masked)
         if isinstance(output, tuple) and len(output) == 2 and getattr(module, "scoring_func", None) == "sigmoid":
             return masked_sigmoid_scores(output[1], experts, top_k)
+        if isinstance(output, tuple) and len(output) == 3 and getattr(module, "moeprune_scoring", None) == "softmax":
+            return masked_corrected_routing(module, output[0], experts, top_k)
         if not (isinstance(output, tuple) and len(output) == 3):
             raise TypeError(
                 f"{type(module).__name__} does not return (logits, weights, index); "

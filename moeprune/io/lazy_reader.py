@@ -153,12 +153,13 @@ class KeyMap:
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
         from moeprune.adapters import NotAnMoEModelError
-        from moeprune.adapters.shims import install_shims, stock_source, streamable
+        from moeprune.adapters.shims import install_shims, loaded_trims, stock_source, streamable
 
         install_shims(model)
         if (reason := streamable(model)) is not None:  # DBRX: parameters are not the checkpoint's tensors
             raise NotAnMoEModelError(reason)
         self.model = model
+        self.trims = loaded_trims(model)  # LongCat: its gate_up_proj is the real rows of the stock tensor
         conversions = get_model_conversion_mapping(model)
         self.renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
         self.converters = [c for c in conversions if isinstance(c, WeightConverter)]
@@ -271,6 +272,8 @@ class KeyMap:
                 results = mapping.convert(first, model=self.model, config=self.model.config)
             for name, value in results.items():
                 value = value[0] if isinstance(value, list) else value
+                if name in self.trims:
+                    value = self.trims[name](value)
                 if dtype is not None and value.is_floating_point():
                     value = value.to(dtype)
                 yield name, value

@@ -40,6 +40,9 @@ def mone(stats: ExpertStats, ratio: float, budget: str = "layer", protect_super:
     if budget != "layer":
         raise PlanError("mone keeps the top P experts per layer (budget='layer'); a global budget is not supported")
     routing, top_k, n_group = routing_of(stats)
+    if routing.get("identity_experts"):
+        raise PlanError("mone replaces experts by novices, which routers with identity (zero-compute) experts "
+                        "(LongCat-Flash) do not support; use a selection or merging strategy")
     scores = {i: RANKS[rank](s).double() for i, s in sorted(stats.layers.items())}
     protected = super_experts(stats) if protect_super else {i: [] for i in scores}
     ranked = {}

@@ -174,10 +174,11 @@ def naee(
     if search not in ("auto", "exact", "greedy"):
         raise PlanError(f"naee search must be 'auto', 'exact' or 'greedy', got {search!r}")
     routing, top_k, n_group = routing_of(stats)
-    if n_group > 1 or routing.get("scoring", "softmax") != "softmax":
+    if n_group > 1 or routing.get("scoring", "softmax") != "softmax" or routing.get("identity_experts"):
         raise PlanError(
-            "naee supports softmax top-k routers; this model routes with "
-            f"{routing.get('scoring')} scoring and n_group={n_group} (use reap or frequency)"
+            "naee supports softmax top-k routers without identity experts; this model routes with "
+            f"{routing.get('scoring')} scoring, n_group={n_group} and {routing.get('identity_experts', 0)} "
+            "identity experts (use reap or frequency)"
         )
     scale = float(routing.get("routed_scaling_factor", 1.0) or 1.0)
     layers, which, scored, rel, renorm = {}, {}, {}, {}, None

@@ -90,7 +90,11 @@ def expert_weight_matrix(layer: MoELayer) -> torch.Tensor:
 
 
 def router_weight(layer: MoELayer) -> torch.Tensor:
-    weight = getattr(layer.router, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise PlanError(f"layer {layer.layer}: router has no 2-D weight to compare experts by")
-    return weight.detach().cpu()
+    """The router's [E, H] weight rows of the real experts (its own `weight`, or a submodule's:
+    LongCat's `classifier`, whose identity-expert rows after the real ones are left out)."""
+    rows = layer.num_experts + layer.routing.identity_experts
+    for module in layer.router.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == rows:
+            return weight.detach()[: layer.num_experts].cpu()
+    raise PlanError(f"layer {layer.layer}: router has no 2-D weight to compare experts by")

@@ -18,6 +18,7 @@ from transformers import (
     Glm4MoeConfig,
     DbrxConfig,
     JetMoeConfig,
+    LongcatFlashConfig,
     GptOssConfig,
     Llama4TextConfig,
     MixtralConfig,
@@ -142,6 +143,14 @@ def _jetmoe() -> PretrainedConfig:  # MLP experts in two ParallelExperts (shimme
     return JetMoeConfig(**c, kv_channels=8, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2)
 
 
+def _longcat_flash() -> PretrainedConfig:  # 8 real + 3 identity (zero-compute) experts per layer (shimmed)
+    c = {k: v for k, v in _COMMON.items() if k not in ("num_hidden_layers", "num_key_value_heads")}
+    return LongcatFlashConfig(**c, num_layers=2, ffn_hidden_size=32, q_lora_rank=16, kv_lora_rank=16,
+                              qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8, moe_topk=2,
+                              n_routed_experts=8, zero_expert_num=3, expert_ffn_hidden_size=24,
+                              routed_scaling_factor=2.0)
+
+
 # Families covered by the family table (tests/test_families.py) and the contract table, not (yet) by
 # every feature test that iterates FAMILY_CONFIGS.
 MORE_FAMILY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
@@ -149,6 +158,7 @@ MORE_FAMILY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "llama4_text": _llama4_text,
     "dbrx": _dbrx,
     "jetmoe": _jetmoe,
+    "longcat_flash": _longcat_flash,
 }
 
 
@@ -181,7 +191,8 @@ def tiny_model(family: str, seed: int = 0, router_scale: float = 8.0) -> torch.n
 
 def _is_router_weight(name: str) -> bool:
     return name.endswith(("mlp.gate.weight", "mlp.router.weight", "block_sparse_moe.gate.weight",
-                          "feed_forward.router.weight", "ffn.router.layer.weight"))
+                          "feed_forward.router.weight", "ffn.router.layer.weight",
+                          "mlp.router.classifier.weight"))
 
 
 def random_batch(vocab_size: int, batch: int = 2, seq_len: int = 12, seed: int = 0) -> torch.Tensor:
