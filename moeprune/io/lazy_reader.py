@@ -47,6 +47,7 @@ class LazyCheckpoint:
         self._handle: Any = None
         self._mapped = 0
         self.bytes_read = 0
+        self._headers: dict[Path, dict] = {}  # shard -> its header (io.direct_read), read on first use
 
     # ---- handles ----------------------------------------------------------------------------
     def _handle_for(self, name: str) -> Any:
@@ -104,6 +105,32 @@ class LazyCheckpoint:
         self._mapped += size
         if self._mapped >= self.remap_bytes:
             self.close()
+
+    def read_into(self, name: str, out: torch.Tensor) -> bool:
+        """Read tensor `name` straight into `out` (same dtype and size; `io.direct_read`, no map);
+        False when it cannot (the caller copies from `get` instead)."""
+        from moeprune.io.direct_read import read_header, read_into
+
+        file = self.shards.get(name)
+        if file is None:
+            raise KeyError(f"{self.path}: no tensor named {name}")
+        if file not in self._headers:
+            self._headers[file] = read_header(file)
+        entry = self._headers[file].get(name)
+        if entry is None or not read_into(file, entry, out):
+            return False
+        self.bytes_read += entry.nbytes
+        return True
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        """Tensor `name`'s dtype from its shard's header (None: one the direct reader does not handle)."""
+        from moeprune.io.direct_read import read_header
+
+        file = self.shards[name]
+        if file not in self._headers:
+            self._headers[file] = read_header(file)
+        entry = self._headers[file].get(name)
+        return None if entry is None else entry.dtype
 
     def get_rows(self, name: str, rows: list[int], dim: int = 0) -> torch.Tensor:
         """Rows `rows` (in that order) of dimension `dim` (0 or 1), reading only those rows."""
@@ -220,16 +247,17 @@ class KeyMap:
                for p, r in zip(patterns, rows) for j in experts):
             return None
         offset = {p: sum(rows[:i]) for i, p in enumerate(patterns)}
-        out = None
+        stored = ckpt.dtype(keys[0])
+        if stored is None:
+            stored = ckpt.get(keys[0]).dtype
+        kind = dtype if dtype is not None and stored.is_floating_point else stored
+        out = torch.empty(len(experts), sum(rows), cols, dtype=kind)
         for key in ckpt.keys_by_shard(keys):
-            tensor = ckpt.get(key)
-            if out is None:
-                kind = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-                out = torch.empty(len(experts), sum(rows), cols, dtype=kind)
             target = self.targets[key]
             start = offset[target.source_pattern]
-            out[target.expert_index, start : start + tensor.shape[0]].copy_(tensor)
-            del tensor
+            slot = out[target.expert_index, start : start + shapes[key][0]]
+            if not ckpt.read_into(key, slot):  # another dtype (a cast) or layout: through the map
+                slot.copy_(ckpt.get(key))
         return out
 
     def load_state(
