@@ -46,3 +46,17 @@ def test_truncated_file_is_one_line_error(tmp_path):
     with pytest.raises(CorruptCheckpointError, match="truncated") as err:
         read_header(path)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_huge_page_allocation_is_on_unless_the_user_said_otherwise(preset, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = "import moeprune, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected

@@ -93,11 +93,29 @@ class LazyCheckpoint:
             raise CorruptCheckpointError(f"{self.shards[name]}: cannot read tensor {name} ({err})") from err
 
     def get(self, name: str) -> torch.Tensor:
-        """Tensor `name`. `safe_open` returns views of the map: kept, they pin the whole mapped
-        shard in RSS; with `owned` each tensor is copied out so the map can go."""
+        """Tensor `name`, read straight into a tensor of its own (`io.direct_read`: one pread, the
+        file not mapped). Dtypes the direct reader does not handle go through `safe_open`, which
+        returns views of the map: kept, they pin the whole mapped shard in RSS; with `owned` each
+        is copied out so the map can go."""
+        entry = self._entry(name)
+        if entry is not None and entry.dtype is not None and entry.dtype != torch.bool:
+            out = torch.empty(entry.shape, dtype=entry.dtype)
+            if self.read_into(name, out):
+                return out
         tensor = self._guard(name, lambda h: h.get_tensor(name).clone() if self.owned else h.get_tensor(name))
         self._count(tensor)
         return tensor
+
+    def _entry(self, name: str):
+        """Where tensor `name`'s bytes are (`io.direct_read.TensorEntry`), from its shard's header."""
+        from moeprune.io.direct_read import read_header
+
+        file = self.shards.get(name)
+        if file is None:
+            raise KeyError(f"{self.path}: no tensor named {name}")
+        if file not in self._headers:
+            self._headers[file] = read_header(file)
+        return self._headers[file].get(name)
 
     def _count(self, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
@@ -109,27 +127,17 @@ class LazyCheckpoint:
     def read_into(self, name: str, out: torch.Tensor) -> bool:
         """Read tensor `name` straight into `out` (same dtype and size; `io.direct_read`, no map);
         False when it cannot (the caller copies from `get` instead)."""
-        from moeprune.io.direct_read import read_header, read_into
+        from moeprune.io.direct_read import read_into
 
-        file = self.shards.get(name)
-        if file is None:
-            raise KeyError(f"{self.path}: no tensor named {name}")
-        if file not in self._headers:
-            self._headers[file] = read_header(file)
-        entry = self._headers[file].get(name)
-        if entry is None or not read_into(file, entry, out):
+        entry = self._entry(name)
+        if entry is None or not read_into(self.shards[name], entry, out):
             return False
         self.bytes_read += entry.nbytes
         return True
 
     def dtype(self, name: str) -> torch.dtype | None:
         """Tensor `name`'s dtype from its shard's header (None: one the direct reader does not handle)."""
-        from moeprune.io.direct_read import read_header
-
-        file = self.shards[name]
-        if file not in self._headers:
-            self._headers[file] = read_header(file)
-        entry = self._headers[file].get(name)
+        entry = self._entry(name)
         return None if entry is None else entry.dtype
 
     def get_rows(self, name: str, rows: list[int], dim: int = 0) -> torch.Tensor:
