@@ -39,6 +39,8 @@ def inspect_command(model: str, as_json: bool, load_overrides: dict) -> None:
     click.echo(f"experts / layer:  {counts[0] if len(counts) == 1 else summary['experts_per_layer']}")
     click.echo(f"top-k:            {router['top_k']}")
     groups = f", groups {router['n_group']} (top {router['topk_group']})" if router["n_group"] > 1 else ""
+    if router.get("identity_experts"):  # LongCat-Flash: zero-compute experts after the real ones
+        groups += f", identity experts={router['identity_experts']}"
     click.echo(
         f"router:           {router['scoring']}, norm_topk_prob={router['norm_topk_prob']}, "
         f"scale={router['routed_scaling_factor']}, bias={router['has_bias']}, "
