@@ -31,6 +31,19 @@ def test_read_into_gives_the_mapped_bits_and_counts_bytes(tmp_path):
     assert ckpt.read_into("a", slot[1]) and torch.equal(slot[1], tensors["a"]) and not slot[0].any()
 
 
+def test_fp8_and_unsigned_tensors_are_read_directly(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    tensors = {"w": torch.randn(4, 8, generator=g).to(torch.float8_e4m3fn),
+               "v": torch.randn(5, generator=g).to(torch.float8_e5m2), "u": torch.arange(6).to(torch.uint16)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    ckpt = LazyCheckpoint(tmp_path)
+    for name, ref in tensors.items():
+        assert ckpt.dtype(name) == ref.dtype
+        out = torch.empty_like(ref)
+        assert ckpt.read_into(name, out)
+        assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))  # bit-equal (fp8 has no equal kernel)
+
+
 def test_read_into_refuses_another_dtype_size_or_layout(tmp_path):
     path, tensors = _file(tmp_path)
     entry = read_header(path)["a"]
@@ -60,3 +73,17 @@ def test_huge_page_allocation_is_on_unless_the_user_said_otherwise(preset, expec
     code = "import moeprune, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_dtypes_it_does_not_know_go_through_the_map_with_the_same_result(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from moeprune.io import direct_read
+    from moeprune.io.lazy_load import load_lazily
+    from moeprune.testing.tiny_models import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint("qwen3_moe", tmp_path / "q")
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    monkeypatch.setattr(direct_read, "DTYPES", {})  # every tensor "unknown": the fused fill reads its first once
+    lazy = load_lazily(path, torch.float32).state_dict()
+    assert sorted(lazy) == sorted(ref) and all(torch.equal(lazy[k], ref[k]) for k in ref)

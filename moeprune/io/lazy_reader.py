@@ -255,16 +255,19 @@ class KeyMap:
                for p, r in zip(patterns, rows) for j in experts):
             return None
         offset = {p: sum(rows[:i]) for i, p in enumerate(patterns)}
-        stored = ckpt.dtype(keys[0])
-        if stored is None:
-            stored = ckpt.get(keys[0]).dtype
+        stored, first = ckpt.dtype(keys[0]), None
+        if stored is None:  # a dtype the direct reader does not know: its first tensor is read once here
+            first = ckpt.get(keys[0])
+            stored = first.dtype
         kind = dtype if dtype is not None and stored.is_floating_point else stored
         out = torch.empty(len(experts), sum(rows), cols, dtype=kind)
         for key in ckpt.keys_by_shard(keys):
             target = self.targets[key]
             start = offset[target.source_pattern]
             slot = out[target.expert_index, start : start + shapes[key][0]]
-            if not ckpt.read_into(key, slot):  # another dtype (a cast) or layout: through the map
+            if key == keys[0] and first is not None:
+                slot.copy_(first)
+            elif not ckpt.read_into(key, slot):  # another dtype (a cast) or layout: through the map
                 slot.copy_(ckpt.get(key))
         return out
 
