@@ -13,7 +13,7 @@ from torch import nn
 from moeprune.evaluation.agreement import compare_models, kl_and_agreement
 from moeprune.evaluation.perplexity import iter_windows, nll_from_ids, perplexity, perplexity_from_ids
 from moeprune.evaluation.report import format_table, write_csv, write_json
-from moeprune.evaluation.routing_mask import find_routers, mask_experts, masked_routing
+from moeprune.evaluation.routing_mask import find_routers, mask_experts
 from moeprune.evaluation.routing_stats import experts_by_frequency, routing_entropy, routing_frequencies, total_variation
 from moeprune.evaluation.text_sources import load_texts
 
@@ -91,13 +91,37 @@ def test_kl_two_token_case_by_hand() -> None:
     assert out["top1_agreement"] == 0.0
 
 
-def test_masked_routing_by_hand() -> None:
-    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
-    _, w, idx = masked_routing(logits, [3], top_k=2, norm_topk_prob=True)
-    assert idx.tolist() == [[2, 1]]
-    assert w[0].tolist() == pytest.approx([0.6, 0.4])
-    _, w, _ = masked_routing(logits, [3], top_k=2, norm_topk_prob=False)
-    assert w[0].tolist() == pytest.approx([0.5, 1 / 3])
+def test_mask_experts_runs_the_routers_own_code_on_masked_logits() -> None:
+    model = _tiny_qwen3_moe()
+    router = find_routers(model)[0]
+    hidden = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    logits = hidden @ router.weight.T
+    with mask_experts(model, {0: [3, 6]}):
+        masked, weights, index = router(hidden)
+    probs = logits.clone()
+    probs[:, [3, 6]] = float("-inf")
+    top = probs.softmax(-1).topk(2, dim=-1)  # by hand: softmax over the rest, top-2, renormalised
+    assert torch.isinf(masked[:, [3, 6]]).all() and torch.equal(index, top.indices)
+    torch.testing.assert_close(weights, top.values / top.values.sum(-1, keepdim=True))
+    assert torch.equal(router(hidden)[0], logits)  # unmasked after the context
+
+
+def test_mask_experts_masks_a_correction_bias_and_restores_it() -> None:
+    from moeprune.adapters import find_moe_layers
+    from moeprune.testing.tiny_models import tiny_model
+
+    model = tiny_model("deepseek_v3")
+    layer = find_moe_layers(model)[0]
+    bias = layer.router.e_score_correction_bias
+    bias[2] = 10.0  # picks expert 2 for every token; after a logit mask alone it would still, at weight 0
+    before = bias.clone()
+    hidden = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    assert (layer.router(hidden)[2] == 2).any(dim=1).all()
+    with mask_experts(model, {layer.layer: [2]}):
+        assert bias[2] == float("-inf")
+        index = layer.router(hidden)[2]
+    assert not (index == 2).any()
+    assert torch.equal(bias, before)
 
 
 def _tiny_qwen3_moe() -> nn.Module:

@@ -16,7 +16,10 @@ import torch
 from torch import nn
 
 EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_ATTRS = ("num_experts_per_tok", "top_k", "moe_k", "moe_topk", "num_selected_experts")
+# per-expert biases added to the scores for the top-k choice only, on the router or the MoE block
+SELECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias", "balancing_biases")
+TOP_K_ATTRS = ("num_experts_per_tok", "top_k", "moe_k", "moe_topk", "num_selected_experts", "top_k_experts",
+               "num_experts_per_token")
 # MoNE novices (apply/novice.py) on an experts module: the router keeps E columns, the module holds P
 # experts; NOVICE_MAP_BUFFER [E] maps a router column to its kept slot, or -(novice position + 1).
 NOVICE_MAP_BUFFER = "moeprune_expert_map"
@@ -29,6 +32,25 @@ IDENTITY_EXPERTS_ATTR = "zero_expert_num"
 def identity_experts(experts: nn.Module) -> int:
     """How many identity (zero-compute) experts follow `experts`' real ones in its router (LongCat)."""
     return int(getattr(experts, IDENTITY_EXPERTS_ATTR, 0) or 0)
+
+
+def router_scoring_weights(router: nn.Module, num_experts: int) -> list[torch.Tensor]:
+    """The router's 2-D weights that make its logits: those with one row per routed expert, or,
+    where there are none, those with the fewest rows beyond them (LongCat's identity experts, Inkling's
+    shared-expert gate columns); a hidden layer of a router MLP (ZAYA) is neither."""
+    weights = [p for p in router.parameters() if p.dim() == 2 and p.shape[0] >= num_experts]
+    exact = [w for w in weights if w.shape[0] == num_experts]
+    if exact or not weights:
+        return exact
+    fewest = min(w.shape[0] for w in weights)
+    return [w for w in weights if w.shape[0] == fewest]
+
+
+def router_extra_rows(router: nn.Module, num_experts: int) -> int:
+    """Rows of the router's logit weight after the E routed experts' rows (see
+    `router_scoring_weights`). Pruning keeps them, after the kept rows."""
+    weights = router_scoring_weights(router, num_experts)
+    return weights[0].shape[0] - num_experts if weights else 0
 
 
 def kept_columns(experts: nn.Module) -> torch.Tensor | None:
@@ -167,9 +189,13 @@ def routing_info(router: nn.Module, config: Any, logits_index: int, identity: in
     topk_group = int(first_attr(sources, ("topk_group",), n_group) or n_group)
     if getattr(router, "topk_method", getattr(config, "topk_method", None)) == "greedy":
         n_group, topk_group = 1, 1
+    top_k = first_attr(sources, TOP_K_ATTRS)
+    if top_k is None:
+        raise ValueError(f"{type(router).__name__}: no top-k found on the router or the config "
+                         f"(looked for {', '.join(TOP_K_ATTRS)}); this family is not supported yet")
     return RoutingInfo(
         scoring=scoring,
-        top_k=int(first_attr(sources, TOP_K_ATTRS)),
+        top_k=int(top_k),
         norm_topk_prob=first_attr(sources, ("norm_topk_prob",)),
         n_group=n_group,
         topk_group=topk_group,

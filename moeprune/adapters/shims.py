@@ -35,7 +35,8 @@ follow the contract and compute the same function:
   ones; `adapters/longcat.py` shims its experts module (see there).
 
 Families that store experts some other way are refused by discovery with one line
-(`UNSUPPORTED_FAMILIES`).
+(`UNSUPPORTED_FAMILIES` by model type, `UNSUPPORTED_BLOCKS` by MoE block class: Doge's product-key
+CDMoE). `moeprune.testing.family_survey` checks every MoE family of the installed transformers.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def expert_count_shared(config) -> bool:
 
 # model_type -> why moeprune cannot prune it yet (one line, shown by discovery); none at present
 UNSUPPORTED_FAMILIES: dict[str, str] = {}
+# MoE block class -> why moeprune refuses the model that holds one
+UNSUPPORTED_BLOCKS: dict[str, str] = {
+    "DogeCDMoE": "Doge's CDMoE routes by product keys over a num_keys x num_keys grid of single-neuron experts "
+                 "(embedding rows); removing experts would break the key grid, so moeprune does not prune it",
+}
 
 
 def _llama4_moe_forward(self: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,6 +307,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for cfg in (config, text):
         reason = UNSUPPORTED_FAMILIES.get(getattr(cfg, "model_type", None))
+        if reason is not None:
+            return reason
+    for module in model.modules():
+        reason = UNSUPPORTED_BLOCKS.get(type(module).__name__)
         if reason is not None:
             return reason
     return None

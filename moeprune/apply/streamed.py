@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.adapters import MoELayer, find_moe_layers
+from moeprune.adapters.layout import router_extra_rows
 from moeprune.adapters.shims import expert_count_shared
 from moeprune.apply.surgery import _prepare_layer, set_expert_count, slice_layer
 from moeprune.io.checkpoint import PLAN_FILE, RECIPE_FILE, _patch_config_json, check_output_dir, publish_directory
@@ -96,8 +97,8 @@ class _Job:
 
     def selection(self, keys: list[str], layer: MoELayer, lp: LayerPlan) -> bool:
         """Selection route; False (nothing written) when a per-expert tensor's layout is not recognised
-        or the router has identity columns (LongCat: router rows and gate_up_proj are not E-row tensors)."""
-        if layer.routing.identity_experts:
+        or the router has rows after the routed experts' (LongCat, Inkling: not E-row tensors)."""
+        if layer.routing.identity_experts or router_extra_rows(layer.router, layer.num_experts):
             return False
         sliceable = _per_expert_tensors(self.model, layer)
         actions: list[tuple[str, str, Any]] = []  # (disk key, output key, rows or None)

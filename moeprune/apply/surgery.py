@@ -18,13 +18,15 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from moeprune.adapters import MoELayer, find_moe_layers
-from moeprune.adapters.layout import EXPERT_COUNT_ATTRS
+from moeprune.adapters.layout import EXPERT_COUNT_ATTRS, router_extra_rows
 from moeprune.adapters.shims import expert_count_shared
 from moeprune.plan import LayerPlan, Plan, PlanError
 
 logger = logging.getLogger(__name__)
 
 PER_LAYER_KEY = "moeprune_experts_per_layer"
+# cached router column counts (routed + extra rows): ZAYA's skip class, Inkling's shared-expert gates
+ROUTER_COLUMN_ATTRS = ("num_router_classes", "n_total_experts")
 
 
 def _slice_tensor(t: torch.Tensor, index: torch.Tensor, num_experts: int, allow_dim1: bool) -> torch.Tensor | None:
@@ -54,19 +56,21 @@ def slice_module(module: nn.Module, index: torch.Tensor, num_experts: int, allow
 
 
 def slice_layer(layer: MoELayer, kept: list[int]) -> None:
-    """Keep experts `kept` (in that order) in one MoE layer. A router with identity columns after
-    the real experts (LongCat's zero experts) keeps all of them, after the kept rows."""
+    """Keep experts `kept` (in that order) in one MoE layer. Router rows after the routed experts'
+    (LongCat's identity experts, Inkling's shared-expert gates: `router_extra_rows`) are all kept,
+    after the kept rows; router tensors with E rows are sliced to `kept`."""
     num_experts = layer.num_experts
     index = torch.tensor(kept, dtype=torch.long)
     slice_module(layer.experts, index, num_experts)
-    identity = layer.routing.identity_experts
-    rows = torch.cat([index, torch.arange(num_experts, num_experts + identity)]) if identity else index
+    extra = router_extra_rows(layer.router, num_experts)
+    rows = torch.cat([index, torch.arange(num_experts, num_experts + extra)])
     for sub in layer.router.modules():
-        slice_module(sub, rows, num_experts + identity, allow_dim1=True)
-        if identity:  # counts of the real experts only (LongCat's router.num_experts)
-            for attr in EXPERT_COUNT_ATTRS:
-                if isinstance(getattr(sub, attr, None), int) and getattr(sub, attr) == num_experts:
-                    setattr(sub, attr, len(kept))
+        slice_module(sub, index, num_experts, allow_dim1=True)
+        if extra:  # after the E-row pass: counts equal to E are the kept count by now
+            slice_module(sub, rows, num_experts + extra, allow_dim1=True)
+            for attr in ROUTER_COLUMN_ATTRS:
+                if getattr(sub, attr, None) == num_experts + extra:
+                    setattr(sub, attr, len(kept) + extra)
     slice_module(layer.block, index, num_experts)
 
 

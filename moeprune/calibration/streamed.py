@@ -39,7 +39,7 @@ from moeprune.io.prefetch import Prefetcher
 from moeprune.calibration.work_dir import WorkDir, tensor_digest
 from moeprune.engine.activations import ActivationStore
 from moeprune.io.lazy_load import build_skeleton
-from moeprune.engine.skeleton import module_name, resident_to_device, to_device, to_host
+from moeprune.engine.skeleton import materialise_prelude, resident_to_device, to_device, to_host
 from moeprune.io.sharded_writer import parse_size
 
 logger = logging.getLogger(__name__)
@@ -113,9 +113,7 @@ def streamed_calibrate(
                         raise FileNotFoundError(f"{work.path}: statistics of finished layer {index} are missing")
                     observer.stats[index] = loaded[index]
             logger.info("resuming after decoder layer %d", done)
-        embed_name = module_name(model, model.get_input_embeddings())
-        embed_names = materialise(model, keymap, ckpt, embed_name, dtype)
-        to_device(model, embed_names, device)
+        embed_names = materialise_prelude(model, keymap, ckpt, prefix, device, dtype)
         first_dir = work.path / "acts" / "input" if work is not None else Path(scratch.name) / "in"
         first_dir.mkdir(parents=True, exist_ok=True)
         current = ActivationStore(first_dir, budget)

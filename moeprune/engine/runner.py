@@ -73,6 +73,21 @@ def layer_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+# model_type -> why its decoder layers cannot be run one at a time from cached inputs
+CARRIED_STATE = {"zaya": "ZAYA's decoder layers hand router state to the next layer (prev_router_hidden_states), "
+                         "which the layer-by-layer runner does not carry; run it in memory without --offload "
+                         "and without layer-wise passes (sparsify, --router-kd-local)"}
+
+
+def refuse_carried_state(model: nn.Module) -> None:
+    """One-line ValueError for a family whose layers pass state besides the hidden states."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    reason = CARRIED_STATE.get(getattr(text, "model_type", None)) or CARRIED_STATE.get(getattr(config, "model_type", None))
+    if reason is not None:
+        raise ValueError(reason)
+
+
 class _Captured(Exception):
     """Raised by the last layer's recorder to stop a capture forward early."""
 
@@ -80,6 +95,7 @@ class _Captured(Exception):
 @torch.no_grad()
 def capture_calls(model: nn.Module, layers: nn.ModuleList, batch: Batch, device: torch.device | str) -> tuple[torch.Tensor, list[Call]]:
     """(first layer's input hidden states, every layer's other call arguments) for one batch."""
+    refuse_carried_state(model)
     calls: list[Call] = []
     first: list[torch.Tensor] = []
 

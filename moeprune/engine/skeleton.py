@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeprune.io.lazy_reader import set_tensor
+from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, set_tensor
 
 
 def module_name(model: nn.Module, module: nn.Module) -> str:
@@ -45,3 +45,21 @@ def to_device(model: nn.Module, names: list[str], device: torch.device) -> None:
 def is_param(model: nn.Module, name: str) -> bool:
     module_name, _, leaf = name.rpartition(".")
     return leaf in (model.get_submodule(module_name) if module_name else model)._parameters
+
+
+def materialise_prelude(model: nn.Module, keymap: KeyMap, ckpt: LazyCheckpoint, layers_prefix: str,
+                        device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
+    """Load, onto `device`, every checkpoint tensor outside the decoder layers and the output head:
+    what the forward needs before the first layer (the input embeddings, and e.g. Gemma-4's per-layer
+    input embeddings or ZAYA's input bias; the final norm comes along, being small). A head tied to
+    the input embeddings is loaded with them. Returns the names loaded (for `release`)."""
+    head = model.get_output_embeddings()
+    tied = head is None or head.weight is model.get_input_embeddings().weight
+    skip = (layers_prefix + ".",) + (() if tied else (module_name(model, head) + ".",))
+    keys = [k for k, t in keymap.targets.items() if not t.model_key.startswith(skip)]
+    names = []
+    for name, value in keymap.iter_state(ckpt, keys, dtype):
+        set_tensor(model, name, value)
+        names.append(name)
+    to_device(model, names, device)
+    return names

@@ -25,7 +25,7 @@ from torch import nn
 
 from moeprune.engine.activations import ActivationStore
 from moeprune.engine.runner import Batch, LayerRunner, capture_calls, decoder_layers
-from moeprune.engine.skeleton import module_name, resident_to_device, to_device, to_host
+from moeprune.engine.skeleton import materialise_prelude, resident_to_device, to_device, to_host
 from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
 from moeprune.io.prefetch import Prefetcher
 from moeprune.io.sharded_writer import parse_size
@@ -70,7 +70,7 @@ class StreamedForward:
         """Every batch through the input embeddings: (layer-0 inputs, each batch's layer call arguments).
 
         `keep_embeddings`: leave the input embeddings loaded (e.g. a tied LM head reads them)."""
-        embed = self.load(module_name(self.model, self.model.get_input_embeddings()))
+        embed = materialise_prelude(self.model, self.keymap, self.ckpt, self.layer_prefix, self.device, self.dtype)
         current = self.store("in")
         calls = []
         for b, batch in enumerate(batches):

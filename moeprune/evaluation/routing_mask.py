@@ -5,16 +5,14 @@ model (expert and router row sliced out) must route and compute exactly like the
 expert masked. This module is the ONE place that implements that mask, so the model card, tests and
 evaluation of strategies all measure the same thing.
 
-Supported routers return ``(router_logits [T, E], top_k_weights [T, k], top_k_index [T, k])`` and
-route with softmax → top-k → optional renormalisation (``norm_topk_prob``): Qwen2/3-MoE, OLMoE,
-Mixtral-style routers in transformers 5.x. A forward hook on each router recomputes the selection
-with the dropped experts' logits set to -inf and *returns* the new tuple, replacing the router output.
-Llama4's router (marked `scoring_func = "sigmoid"` by the adapters' shim) returns
-``(scores [T, E], router_logits [T, E])``: top-k on the logits, sigmoid of the selected ones, 0
-elsewhere; its hook redoes that selection on the masked logits (`masked_sigmoid_scores`). Routers
-that return the logits alone (DBRX) get them back masked; their block selects from those.
-LongCat-Flash's router (softmax with a correction bias over real and identity columns, marked
-`moeprune_scoring = "softmax"` by its shim) is redone the same way (`masked_corrected_routing`).
+The mask is family-agnostic: it does not re-implement any routing. While a masked router runs its
+own forward, a `TorchFunctionMode` sets the dropped columns of the linear output made from the
+router's weight to -inf, and the dropped entries of a selection-only correction bias
+(`e_score_correction_bias`, which would otherwise still pick a masked expert at weight 0) are -inf
+too (and of `expert_bias` / `balancing_biases`, `adapters.layout.SELECTION_BIAS_NAMES`). The router's own softmax / sigmoid / top-k / renormalisation then routes as if the experts were
+gone, for every family whose router computes its logits with `F.linear` (nn.Linear included); a
+router that does not is refused when it first runs. Group-limited routers (DeepSeek-V3, GLM-4.5)
+are masked too, but their pruned models regroup, so the mask is not their pruning reference.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
-
+from torch.overrides import TorchFunctionMode
 
 
 def find_routers(model: nn.Module) -> dict[int, nn.Module]:
@@ -34,45 +32,58 @@ def find_routers(model: nn.Module) -> dict[int, nn.Module]:
     return {layer.layer: layer.router for layer in find_moe_layers(model)}
 
 
-def masked_routing(
-    logits: torch.Tensor, dropped: Sequence[int], top_k: int, norm_topk_prob: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax/top-k routing with ``dropped`` experts excluded; returns (logits, weights, index)."""
-    masked = logits.clone()
-    if len(dropped):
-        masked[:, list(dropped)] = float("-inf")
-    probs = torch.softmax(masked, dim=-1, dtype=torch.float)
-    weights, index = torch.topk(probs, top_k, dim=-1)
-    if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return masked, weights.to(logits.dtype), index
+class _MaskLinearOutput(TorchFunctionMode):
+    """Inside one router's forward: -inf in the dropped columns of `F.linear(x, weight)`."""
+
+    def __init__(self, weights: Sequence[torch.Tensor], columns: Sequence[int]) -> None:
+        super().__init__()
+        self.ids = {id(w) for w in weights}
+        self.columns = list(columns)
+        self.hits = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.nn.functional.linear and len(args) > 1 and id(args[1]) in self.ids:
+            out = out.clone()
+            out[..., self.columns] = float("-inf")
+            self.hits += 1
+        return out
 
 
-def masked_sigmoid_scores(
-    logits: torch.Tensor, dropped: Sequence[int], top_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Llama4 routing with ``dropped`` experts excluded; returns (scores, masked logits)."""
-    masked = logits.clone()
-    if len(dropped):
-        masked[:, list(dropped)] = float("-inf")
-    values, index = torch.topk(masked, top_k, dim=1)
-    scores = torch.full_like(masked, float("-inf")).scatter_(1, index, values)
-    return torch.sigmoid(scores.float()).to(scores.dtype), masked
+def _mask_router(router: nn.Module, num_experts: int, columns: list[int]) -> list:
+    """Hooks that run `router`'s forward under the mask; returns the handles."""
+    from moeprune.adapters.layout import router_scoring_weights
+
+    weights = router_scoring_weights(router, num_experts)
+    state: dict[str, _MaskLinearOutput] = {}
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        state["mode"] = _MaskLinearOutput(weights, columns).__enter__()
+
+    def leave(module: nn.Module, args: tuple, output: object) -> None:
+        mode = state.pop("mode")
+        mode.__exit__(None, None, None)
+        if mode.hits == 0:
+            raise TypeError(f"{type(module).__name__} computes its logits without F.linear on its weight; "
+                            "mask_experts cannot mask it")
+
+    return [router.register_forward_pre_hook(enter), router.register_forward_hook(leave)]
 
 
-def masked_corrected_routing(
-    router: nn.Module, logits: torch.Tensor, dropped: Sequence[int], top_k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LongCat routing with ``dropped`` experts excluded: softmax over every column, top-k of
-    softmax + correction bias, gates = softmax x routed_scaling_factor; returns (logits, weights, index)."""
-    masked = logits.clone()
-    masked[:, list(dropped)] = float("-inf")
-    scores = masked.float().softmax(dim=-1)
-    choice = scores + router.e_score_correction_bias.float().unsqueeze(0)
-    choice[:, list(dropped)] = float("-inf")
-    index = torch.topk(choice, top_k, dim=-1, sorted=False).indices
-    weights = scores.gather(1, index) * router.routed_scaling_factor
-    return masked, weights.to(logits.dtype), index
+def _mask_selection_bias(layer, columns: list[int]) -> list[tuple]:
+    """Set the dropped entries of the layer's selection biases (router or block) to -inf; returns
+    (tensor, original) pairs to restore."""
+    from moeprune.adapters.layout import SELECTION_BIAS_NAMES
+
+    saved = []
+    tensors = [*layer.router.named_parameters(), *layer.router.named_buffers(),
+               *layer.block.named_parameters(recurse=False), *layer.block.named_buffers(recurse=False)]
+    for name, tensor in tensors:
+        if name.rsplit(".", 1)[-1] in SELECTION_BIAS_NAMES and tensor.shape[-1] >= layer.num_experts:
+            saved.append((tensor, tensor.detach().clone()))
+            with torch.no_grad():
+                tensor[..., columns] = float("-inf")
+    return saved
 
 
 @contextlib.contextmanager
@@ -90,53 +101,30 @@ def mask_experts(model: nn.Module, dropped: Mapping[int, Sequence[int]]) -> Iter
     from moeprune.adapters import find_moe_layers
 
     layers = {layer.layer: layer for layer in find_moe_layers(model)}
-    routers = {index: layer.router for index, layer in layers.items()}
-    default_norm = bool(getattr(getattr(model, "config", None), "norm_topk_prob", True))
-    handles = []
+    handles, saved = [], []
     try:
-        for layer, experts in dropped.items():
-            if layer not in routers:
-                raise ValueError(f"layer {layer} has no supported router (found {sorted(routers)})")
-            router = routers[layer]
-            n_experts = layers[layer].num_experts
+        for index, experts in dropped.items():
+            if index not in layers:
+                raise ValueError(f"layer {index} has no supported router (found {sorted(layers)})")
+            layer = layers[index]
+            n_experts = layer.num_experts
             experts = sorted(set(int(e) for e in experts))
             if experts and (experts[0] < 0 or experts[-1] >= n_experts):
-                raise ValueError(f"layer {layer}: expert index out of range 0..{n_experts - 1}: {experts}")
-            top_k = layers[layer].routing.top_k
+                raise ValueError(f"layer {index}: expert index out of range 0..{n_experts - 1}: {experts}")
+            top_k = layer.routing.top_k
             if n_experts - len(experts) < top_k:
                 raise ValueError(
-                    f"layer {layer}: dropping {len(experts)} of {n_experts} experts leaves fewer than "
+                    f"layer {index}: dropping {len(experts)} of {n_experts} experts leaves fewer than "
                     f"top_k={top_k}; drop fewer experts"
                 )
             if not experts:
                 continue
-            norm = bool(getattr(router, "norm_topk_prob", default_norm))
-            handles.append(router.register_forward_hook(_make_hook(experts, top_k, norm)))
+            handles += _mask_router(layer.router, n_experts, experts)
+            saved += _mask_selection_bias(layer, experts)
         yield model
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _make_hook(experts: list[int], top_k: int, norm: bool):
-    def hook(module: nn.Module, args: tuple, output: object) -> tuple[torch.Tensor, ...]:
-        if isinstance(output, torch.Tensor):  # logits only (DBRX): the block selects from the masked logits
-            masked = output.clone()
-            masked[..., experts] = float("-inf")
-            return masked
-        if isinstance(output, tuple) and len(output) == 5 and type(module).__name__ == "JetMoeTopKGating":
-            masked = output[4].clone()  # the shimmed JetMoE block selects from these logits (adapters.shims)
-            masked[..., experts] = float("-inf")
-            return (*output[:4], masked)
-        if isinstance(output, tuple) and len(output) == 2 and getattr(module, "scoring_func", None) == "sigmoid":
-            return masked_sigmoid_scores(output[1], experts, top_k)
-        if isinstance(output, tuple) and len(output) == 3 and getattr(module, "moeprune_scoring", None) == "softmax":
-            return masked_corrected_routing(module, output[0], experts, top_k)
-        if not (isinstance(output, tuple) and len(output) == 3):
-            raise TypeError(
-                f"{type(module).__name__} does not return (logits, weights, index); "
-                "mask_experts supports softmax top-k routers only"
-            )
-        return masked_routing(output[0], experts, top_k, norm)
-
-    return hook
+        with torch.no_grad():
+            for tensor, original in saved:
+                tensor.copy_(original)

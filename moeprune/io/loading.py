@@ -122,6 +122,20 @@ def resolve_dtype(dtype: str | torch.dtype | None, path: str | Path | None = Non
     return getattr(torch, dtype)
 
 
+def check_causal_lm(config: Any, path: str | Path) -> None:
+    """One line when transformers has no causal-LM class for the checkpoint's model type (a
+    multimodal model such as qwen3_vl_moe, an encoder-decoder such as switch_transformers):
+    moeprune loads causal LMs only. Remote-code configs that map AutoModelForCausalLM pass."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return
+    kind = "an encoder-decoder model" if getattr(config, "is_encoder_decoder", False) else "not a causal LM"
+    raise ValueError(f"{path}: {model_type} is {kind} (transformers has no causal-LM class for it); moeprune "
+                     "prunes decoder-only causal LMs; multimodal and encoder-decoder MoE models are not supported yet")
+
+
 def check_local_checkpoint(path: Path) -> None:
     """One-line errors for a local directory that is not a loadable safetensors checkpoint."""
     from moeprune.io.safetensors_io import open_shard, shard_map
@@ -134,11 +148,12 @@ def check_local_checkpoint(path: Path) -> None:
     from transformers import AutoConfig
 
     try:  # an unknown model_type with auto_map fails here, without a prompt, unless --trust-remote-code
-        AutoConfig.from_pretrained(path, trust_remote_code=_TRUST_REMOTE_CODE)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=_TRUST_REMOTE_CODE)
     except (ValueError, KeyError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = " (pass --trust-remote-code only if you trust its code)" if "auto_map" in (path / "config.json").read_text() else ""
         raise ValueError(f"{path}: cannot read its config: {first}{hint}") from err
+    check_causal_lm(config, path)
     has_safetensors = any(path.glob("*.safetensors"))
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickles and not has_safetensors:

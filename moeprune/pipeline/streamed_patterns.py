@@ -21,7 +21,7 @@ from moeprune.adapters import find_moe_layers
 from moeprune.plan import Plan
 from moeprune.engine.runner import decoder_layers
 from moeprune.io.lazy_load import build_skeleton
-from moeprune.engine.skeleton import module_name, resident_to_device, to_device
+from moeprune.engine.skeleton import materialise_prelude, resident_to_device, to_device
 from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, materialise, release
 
 
@@ -42,8 +42,8 @@ def streamed_pattern_plan(path: str | Path, tokenizer: Any, patterns: dict[str, 
         prefix, _ = decoder_layers(model)
         block = find_moe_layers(model)[0].block_name
         first = int(re.match(rf"^{re.escape(prefix)}\.(\d+)(\.|$)", block).group(1))  # decoder index of the first MoE layer
-        units = [module_name(model, model.get_input_embeddings())] + [f"{prefix}.{i}" for i in range(first + 1)]
-        names = [n for unit in units for n in materialise(model, keymap, ckpt, unit, dtype)]
+        names = materialise_prelude(model, keymap, ckpt, prefix, device, dtype)
+        names += [n for i in range(first + 1) for n in materialise(model, keymap, ckpt, f"{prefix}.{i}", dtype)]
         to_device(model, names, device)
         try:
             result = retrieve_plan(model, tokenizer, patterns, query, ratio)[0]

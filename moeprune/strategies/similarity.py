@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from moeprune.adapters import MoELayer, find_moe_layers
+from moeprune.adapters.layout import router_extra_rows
 from moeprune.calibration.stats import LayerStats
 from moeprune.plan import PlanError
 
@@ -90,9 +91,9 @@ def expert_weight_matrix(layer: MoELayer) -> torch.Tensor:
 
 
 def router_weight(layer: MoELayer) -> torch.Tensor:
-    """The router's [E, H] weight rows of the real experts (its own `weight`, or a submodule's:
-    LongCat's `classifier`, whose identity-expert rows after the real ones are left out)."""
-    rows = layer.num_experts + layer.routing.identity_experts
+    """The router's [E, H] weight rows of the routed experts (its own `weight`, or a submodule's:
+    LongCat's `classifier`; rows after the routed experts', `router_extra_rows`, are left out)."""
+    rows = layer.num_experts + router_extra_rows(layer.router, layer.num_experts)
     for module in layer.router.modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == rows:

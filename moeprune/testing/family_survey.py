@@ -1,0 +1,302 @@
+"""Survey every MoE family of the installed transformers: does moeprune prune it right, or refuse it?
+
+The family table (`tests/test_families.py`) covers the families with a hand-written tiny config.
+transformers ships many more MoE families, and discovery is family-agnostic, so an untested family is
+either pruned correctly, refused in one line, or -- the case this module exists to catch -- pruned
+into a silently wrong model. For each family this builds a tiny model from its config class's
+defaults with every size shrunk (`shrunk_config`), then checks, with references that do not share
+moeprune's routing code:
+
+- keep-all: a plan that keeps every expert reproduces the logits bit for bit;
+- masked: pruning half the experts equals the original with the dropped experts' router logits set
+  to -inf where the router computes them (`evaluation.routing_mask.mask_experts`: the router's own
+  code then routes); only for routers without group-limited selection (those regroup after pruning);
+- reload: the saved checkpoint reloads with stock `from_pretrained` to the pruned logits, with the
+  config's expert counts shrunk.
+
+`scripts/survey_families.py` prints the table; the slow test asserts that no family is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+# attribute -> tiny value, applied where a family's config has the attribute
+SMALL_SIZES: dict[str, object] = {
+    "vocab_size": 272, "hidden_size": 32, "d_model": 32, "num_hidden_layers": 2, "num_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 48,
+    "ffn_hidden_size": 48, "moe_intermediate_size": 24, "expert_ffn_hidden_size": 24,
+    "shared_expert_intermediate_size": 48, "moe_shared_expert_intermediate_size": 48,
+    "num_experts": 8, "num_local_experts": 8, "n_routed_experts": 8, "moe_num_experts": 8,
+    "num_experts_per_tok": 2, "moe_topk": 2, "moe_k": 2, "n_shared_experts": 1, "num_shared_experts": 1,
+    "moe_num_shared_experts": 1, "first_k_dense_replace": 0, "n_group": 1, "num_expert_group": 1,
+    "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+    "v_head_dim": 8, "max_position_embeddings": 256, "sliding_window": 16, "decoder_sparse_step": 1,
+    "moe_layer_freq": 1, "mlp_only_layers": [], "tie_word_embeddings": False, "bos_token_id": 256,
+    "eos_token_id": 256, "pad_token_id": 256, "attention_chunk_size": 64, "linear_num_value_heads": 4,
+    "linear_num_key_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8, "zero_expert_num": 0,
+    "num_experts_per_token": 2, "top_k_experts": 2, "unpadded_vocab_size": 260, "shared_intermediate_size": 48,
+    "shared_experts_intermediate_size": 48, "linear_head_dim": 8, "linear_num_heads": 4, "mamba_n_heads": 4,
+    "mamba_d_head": 8, "mamba_chunk_size": 16, "router_hidden_size": 16, "index_head_dim": 8, "index_n_heads": 2,
+    "index_topk": 4, "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8, "num_dense_layers": 0,
+    "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 272, "attn_layer_period": 2,
+    "attn_layer_offset": 1, "expert_layer_period": 1, "expert_layer_offset": 0, "ngram_vocab_size_base": 64,
+}
+# sizes set even where the default is None (the family then builds with experts)
+FORCED = ("n_routed_experts", "num_experts", "num_experts_per_tok", "n_shared_experts", "top_k_experts",
+          "moe_intermediate_size", "head_dim", "indexer_n_heads", "indexer_kv_heads", "indexer_head_dim")
+# model_type -> fields a family needs beyond the sizes
+FAMILY_FIELDS: dict[str, dict[str, object]] = {
+    "gemma4": {"enable_moe_block": True}, "doge": {"is_moe": True}, "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "granitemoehybrid": {"mamba_n_heads": 8, "layer_types": ["linear_attention", "full_attention"]},
+    "dots3_note": {"head_dim": 16}, "zaya": {"num_experts_per_tok": 1},
+    "qwen4_exp": {"indexer_budget": 8, "indexer_compress_ratio": 2},
+}
+MAX_PARAMS = 20_000_000
+LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type", "hybrid_override_pattern")
+
+
+@dataclass
+class FamilyResult:
+    """What the survey found for one family."""
+
+    family: str
+    status: str  # ok | refused | wrong | no-causal-lm | no-tiny-model | error
+    detail: str = ""
+    checks: dict[str, str] = field(default_factory=dict)
+
+
+def moe_families() -> list[str]:
+    """model_type of every transformers family whose modeling file defines an experts/MoE class."""
+    root = Path(transformers.__file__).parent / "models"
+    pattern = re.compile(r"class \w*(Experts|SparseMoe|MoE|Moe)\w*\(")
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if any(pattern.search(f.read_text()) for f in folder.glob("modeling_*.py")):
+            found.append(folder.name)
+    return found
+
+
+def causal_lm_type(family: str) -> str | None:
+    """The model_type of `family`'s causal LM (its text model for multimodal families), if any."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as names
+
+    for candidate in (f"{family}_text", family):  # the text model of a multimodal family first
+        if candidate in names:
+            return candidate
+    return None
+
+
+def shrunk_config(model_type: str) -> transformers.PretrainedConfig:
+    """`model_type`'s tiny config: the hand-written one of the family table where there is one, else
+    the class's defaults with every known size shrunk (only the shrunk fields are passed, so that the
+    fields a config derives from them are derived again)."""
+    from moeprune.testing.tiny_models import FAMILY_CONFIGS, MORE_FAMILY_CONFIGS, tiny_config
+
+    if model_type in FAMILY_CONFIGS or model_type in MORE_FAMILY_CONFIGS:
+        return tiny_config(model_type)
+    cls = transformers.AutoConfig.for_model(model_type).__class__
+    values = _shrunk_values(cls().to_dict(), model_type)
+    text = cls().to_dict().get("text_config")
+    if isinstance(text, dict):  # a multimodal family's causal LM: shrink its text model too
+        values["text_config"] = _shrunk_values(text, model_type)
+    return cls(**values)
+
+
+def _shrunk_values(defaults: dict, model_type: str) -> dict:
+    """The fields of one (sub-)config to pass: tiny sizes, family fields, trimmed per-layer lists."""
+    values = {key: small for key, small in SMALL_SIZES.items()
+              if defaults.get(key) is not None or (key in FORCED and key in defaults)}
+    values.update(FAMILY_FIELDS.get(model_type.removesuffix("_text"), {}))
+    for key, sub in defaults.items():  # nested size dicts (DBRX's attn_config / ffn_config)
+        if isinstance(sub, dict) and key.endswith("_config") and not key.startswith(("text", "vision", "audio")):
+            values[key] = {**sub, **{k: v for k, v in SMALL_SIZES.items() if sub.get(k) is not None}}
+    if defaults.get("kv_lora_rank") is not None:  # multi-head latent attention: one kv head per query head
+        values["num_key_value_heads"] = values.get("num_attention_heads", 4)
+    layers = values.get("num_hidden_layers") or values.get("num_layers") or 2
+    for key in LAYER_LISTS:
+        if key not in values and isinstance(defaults.get(key), (list, str)) and len(defaults[key]) > layers:
+            seen = list(dict.fromkeys(defaults[key]))  # keep one of each layer kind, in order
+            kinds = (seen + list(defaults[key]))[:max(layers, len(seen))]
+            values[key] = kinds if isinstance(defaults[key], list) else "".join(kinds)
+            layers = len(kinds)
+    for key in ("num_hidden_layers", "num_layers"):
+        if key in values:
+            values[key] = layers
+    for key, sub in defaults.items():  # per-layer dicts keyed by layer index
+        if isinstance(sub, dict) and sub and all(str(k).isdigit() for k in sub):
+            values[key] = {k: v for k, v in sub.items() if int(k) < layers}
+    return values
+
+
+def seeded_model(config: transformers.PretrainedConfig, seed: int = 0) -> nn.Module:
+    """A float32 causal LM of `config` with seeded weights and decisive (scaled-up) routers."""
+    from moeprune.adapters import find_moe_layers
+    from moeprune.adapters.layout import SELECTION_BIAS_NAMES
+
+    with torch.device("meta"):
+        size = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
+    if size > MAX_PARAMS:
+        raise ValueError(f"the shrunk config still has {size / 1e6:.0f}M parameters (a size this survey does not shrink)")
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+            elif name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        try:
+            layers = find_moe_layers(model)
+        except ValueError:
+            return model
+        for layer in layers:
+            for name, param in layer.router.named_parameters():
+                if param.dim() == 2:
+                    param.mul_(8.0)
+            owners = [*layer.router.named_modules(), ("", layer.block)]
+            for _, module in owners:  # selection biases matter to the reference: make them non-zero
+                for name in SELECTION_BIAS_NAMES:
+                    tensor = getattr(module, name, None)
+                    if isinstance(tensor, torch.Tensor):  # routed columns only (ZAYA's skip class is fixed)
+                        routed = tensor[..., :layer.num_experts]
+                        routed.copy_(torch.randn(routed.shape, generator=generator) * 0.05)
+    return model
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def check_family(family: str, workdir: Path, streamed: bool = True) -> FamilyResult:
+    """Run the survey's checks on one family (see the module docstring)."""
+    from moeprune.adapters.discovery import NotAnMoEModelError
+    from moeprune.adapters import find_moe_layers
+
+    model_type = causal_lm_type(family)
+    if model_type is None:
+        return FamilyResult(family, "no-causal-lm", "no causal-LM class in transformers' auto mapping")
+    try:
+        model = seeded_model(shrunk_config(model_type))
+    except Exception as exc:  # noqa: BLE001 - the survey reports whatever stops a family
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+        return FamilyResult(family, "no-tiny-model", f"{type(exc).__name__}: {' / '.join(lines)[:240]}")
+    try:
+        find_moe_layers(model)
+    except NotAnMoEModelError as exc:
+        return FamilyResult(family, "refused", str(exc))
+    result = FamilyResult(family, "error")
+    try:
+        _run_checks(model, workdir / family, result, streamed)
+        bad = [k for k, v in result.checks.items() if v.startswith(("DIFFERS", "NON", "UNEQUAL"))]
+        result.status = "wrong" if bad else "ok"
+    except Exception as exc:  # noqa: BLE001
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        result.status = "error"
+        result.detail = (f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]} "
+                         f"({Path(last.filename).name}:{last.lineno})")
+    return result
+
+
+def _run_checks(original: nn.Module, root: Path, result: FamilyResult, streamed: bool) -> None:
+    from moeprune import apply, calibrate, plan, save
+    from moeprune.adapters import find_moe_layers
+    from moeprune.adapters.shims import expert_count_shared
+    from moeprune.evaluation.routing_mask import mask_experts
+    from moeprune.io.checkpoint import load_pruned
+    from moeprune.io.loading import load_model
+    from moeprune.testing.tiny_models import random_batch
+    from moeprune.testing.tiny_tokenizer import byte_tokenizer
+
+    src = root / "input"
+    original.save_pretrained(src, max_shard_size="20KB")  # several shards: the streamed reader's case
+    byte_tokenizer().save_pretrained(src)
+    model = load_model(str(src), dtype=torch.float32)[0]
+    layers = find_moe_layers(model)
+    first, counts_before = layers[0], {layer.layer: layer.num_experts for layer in layers}
+    result.detail = (f"{len(layers)} MoE layers x {first.num_experts} experts, top-{first.routing.top_k}, "
+                     f"{first.routing.scoring}, layout {first.layout.describe()}")
+    ids = random_batch(model.config.get_text_config().vocab_size, batch=2, seq_len=10)
+    reference = _logits(model, ids)
+    stats = calibrate(model, ids, progress=False)
+    apply(model, plan(stats, "frequency", 0.0))
+    result.checks["keep-all"] = "exact" if torch.equal(_logits(model, ids), reference) else "DIFFERS"
+    p = plan(stats, "reap", 0.5)
+    dropped = {i: sorted(set(range(counts_before[i])) - set(lp.kept)) for i, lp in p.layers.items()}
+    if any(layer.routing.n_group > 1 and layer.routing.topk_group < layer.routing.n_group for layer in layers):
+        masked, result.checks["masked"] = None, "n/a (group-limited routing)"
+    else:
+        with mask_experts(model, dropped):
+            masked = _logits(model, ids)
+    apply(model, p)
+    pruned = _logits(model, ids)
+    if not torch.isfinite(pruned).all():
+        result.checks["finite"] = "NON-FINITE"
+    if masked is not None:
+        gap = (pruned - masked).abs().max().item()
+        result.checks["masked"] = "equal" if gap <= 1e-4 else f"DIFFERS by {gap:.3g}"
+    out = save(model, root / "in-memory", plan=p, input_dir=src)
+    if expert_count_shared(model.config):
+        reloaded = load_pruned(out, dtype=torch.float32)
+    else:
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    gap = (_logits(reloaded, ids) - pruned).abs().max().item()
+    result.checks["reload"] = "equal" if gap <= 1e-5 else f"DIFFERS by {gap:.3g}"
+    counts = sorted({layer.num_experts for layer in find_moe_layers(reloaded)})
+    halved = sorted({n // 2 for n in counts_before.values()})
+    result.checks["reloaded experts"] = ",".join(map(str, counts)) + ("" if counts == halved else " UNEQUAL to half")
+    if streamed:
+        try:
+            result.checks["streamed"] = _streamed_check(src, ids, stats, p, out, root / "streamed")
+        except ValueError as exc:
+            if "\n" in str(exc):
+                raise
+            result.checks["streamed"] = f"refused: {exc}"
+
+
+def _streamed_check(src: Path, ids: torch.Tensor, stats, in_memory, reference: Path, out: Path) -> str:
+    """`--offload`'s calibration and apply from the shards: same statistics, plan and tensors."""
+    from moeprune.apply.streamed import streamed_apply
+    from moeprune.calibration.streamed import streamed_calibrate
+    from moeprune.io.safetensors_io import read_checkpoint_tensors
+    from moeprune.strategies import plan
+
+    streamed_stats = streamed_calibrate(src, ids, progress=False)
+    if streamed_stats.digest() != stats.digest():
+        return "DIFFERS (statistics)"
+    p = plan(streamed_stats, "reap", 0.5)
+    if p.layers != in_memory.layers:
+        return "DIFFERS (plan)"
+    streamed_apply(src, p, out, max_shard_size="20KB", progress=False)
+    a, b = read_checkpoint_tensors(reference), read_checkpoint_tensors(out)
+    if sorted(a) != sorted(b):
+        return f"DIFFERS (tensor names: {sorted(set(a) ^ set(b))[:3]})"
+    unequal = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    return f"DIFFERS ({unequal[:3]})" if unequal else "equal"
+
+
+def survey(families: Sequence[str] | None = None) -> list[FamilyResult]:
+    """`check_family` for each of `families` (default: every MoE family of transformers)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="moeprune-survey-") as tmp:
+        for family in families or moe_families():
+            results.append(check_family(family, Path(tmp)))
+    return results
+
+
+def as_json(results: Sequence[FamilyResult]) -> str:
+    return json.dumps([asdict(r) for r in results], indent=1)

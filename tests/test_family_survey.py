@@ -1,0 +1,92 @@
+"""Every MoE family of the installed transformers is pruned right or refused in one line
+(moeprune/testing/family_survey.py: keep-all exact, pruned == masked original, reload equal,
+`--offload` == in memory), and the helpers that made the untested families work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moeprune.adapters.layout import router_extra_rows, router_scoring_weights
+from moeprune.testing.family_survey import survey
+
+# families the survey found correct (transformers 5.24): a family that stops passing fails this test
+EXPECTED_OK = {
+    "afmoe", "aria", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "dbrx", "deepseek_v2", "deepseek_v3",
+    "deepseek_v32", "deepseek_v4", "dots1", "dots3_note", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint",
+    "gemma4", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa",
+    "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "inkling", "inkling2",
+    "inkling2_loop", "jamba", "jetmoe", "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2_moe", "llama4",
+    "longcat_flash", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "minimax_m3_vl", "mixtral", "nemotron_h",
+    "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_moe", "qwen3_next", "qwen4_exp", "solar_open", "zaya",
+}
+
+
+@pytest.fixture(scope="module")
+def results():
+    return {r.family: r for r in survey()}
+
+
+def test_no_family_is_pruned_wrong_and_none_errors(results):
+    bad = {f: (r.status, r.detail, r.checks) for f, r in results.items() if r.status in ("wrong", "error")}
+    assert not bad
+
+
+def test_every_expected_family_is_correct_in_memory_and_streamed(results):
+    assert EXPECTED_OK <= {f for f, r in results.items() if r.status == "ok"}
+    for family in EXPECTED_OK:
+        checks = results[family].checks
+        assert checks["keep-all"] == "exact" and checks["reload"] == "equal", family
+        assert checks["masked"] in ("equal", "n/a (group-limited routing)"), family
+        assert checks["streamed"] == "equal" or checks["streamed"].startswith("refused: ZAYA"), family
+
+
+def test_refusals_are_one_line(results):
+    refused = {f: r.detail for f, r in results.items() if r.status == "refused"}
+    assert "doge" in refused and "product keys" in refused["doge"]
+    assert all("\n" not in why for why in refused.values())
+
+
+@pytest.mark.parametrize("model_type, kind", [("qwen3_vl_moe", "not a causal LM"),
+                                              ("switch_transformers", "an encoder-decoder model")])
+def test_checkpoints_without_a_causal_lm_are_refused_in_one_line(model_type, kind, tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(model_type).save_pretrained(tmp_path)
+    from click.testing import CliRunner
+
+    from moeprune.cli import main
+
+    for args in (["inspect", str(tmp_path)], ["prune", str(tmp_path), "-o", str(tmp_path / "out"), "--offload"]):
+        run = CliRunner().invoke(main, args)
+        assert run.exit_code != 0
+        lines = [line for line in run.output.splitlines() if line.startswith("Error")]
+        assert len(lines) == 1 and f"{model_type} is {kind}" in lines[0], run.output[-500:]
+        assert not (tmp_path / "out").exists()
+
+
+def test_router_scoring_weights_by_shape():
+    plain = nn.Linear(16, 8, bias=False)  # one row per expert
+    assert router_scoring_weights(plain, 8) == [plain.weight] and router_extra_rows(plain, 8) == 0
+    extra = nn.Linear(16, 11, bias=False)  # 8 experts + 3 trailing columns (identity / shared-expert gates)
+    assert router_scoring_weights(extra, 8) == [extra.weight] and router_extra_rows(extra, 8) == 3
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8))  # a router MLP: the hidden layer is not its logits
+    assert router_scoring_weights(mlp, 8) == [mlp[1].weight] and router_extra_rows(mlp, 8) == 0
+    skip = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 9))  # ZAYA: a skip class after the experts
+    assert router_scoring_weights(skip, 8) == [skip[1].weight] and router_extra_rows(skip, 8) == 1
+
+
+def test_extra_router_rows_are_kept_after_the_kept_ones():
+    from moeprune.apply.surgery import slice_layer
+    from moeprune.adapters import find_moe_layers
+    from moeprune.testing.family_survey import causal_lm_type, seeded_model, shrunk_config
+
+    model = seeded_model(shrunk_config(causal_lm_type("inkling")))  # router rows: 8 routed experts + 1 shared-expert gate
+    layer = find_moe_layers(model)[0]
+    weight = layer.router.weight.detach().clone()
+    assert weight.shape[0] == 9 and layer.router.n_total_experts == 9
+    slice_layer(layer, [6, 1, 3, 0])
+    assert torch.equal(layer.router.weight, weight[[6, 1, 3, 0, 8]])
+    assert (layer.router.num_experts, layer.router.n_total_experts) == (4, 5)
+    assert layer.router.e_score_correction_bias.shape == (4,)
