@@ -90,3 +90,25 @@ def test_extra_router_rows_are_kept_after_the_kept_ones():
     assert torch.equal(layer.router.weight, weight[[6, 1, 3, 0, 8]])
     assert (layer.router.num_experts, layer.router.n_total_experts) == (4, 5)
     assert layer.router.e_score_correction_bias.shape == (4,)
+
+
+@pytest.mark.parametrize("family", ["afmoe", "deepseek_v4", "ernie4_5_moe", "inkling", "jetmoe", "zaya"])
+def test_mone_novices_keep_every_full_width_routing_tensor(family, tmp_path):
+    """Novice layers keep the router at E rows: block-level expert biases (AFMoE), 1 x E correction
+    biases (ERNIE), extra router rows (Inkling, ZAYA), routers found by name (DeepSeek-V4) and the
+    module-layout reload (JetMoE) all come back at full width."""
+    from moeprune.testing.family_survey import check_family
+
+    result = check_family(family, tmp_path, strategy="mone")
+    assert result.status == "ok", (result.detail, result.checks)
+    assert result.checks["reload"] == "equal"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["mone", "m-smoe", "hc-smoe", "dern", "stun"])
+def test_every_family_with_more_strategies(strategy):
+    results = survey(strategy=strategy)
+    assert not {r.family: (r.detail, r.checks) for r in results if r.status in ("wrong", "error")}
+    refused = {r.family: r.detail for r in results if r.status == "refused"}
+    assert all("\n" not in why for why in refused.values())
+    assert EXPECTED_OK - set(refused) <= {r.family for r in results if r.status == "ok"}

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from moeprune.adapters.layout import ExpertLayout, RoutingInfo, identity_experts, routing_info
+from moeprune.adapters.layout import NOVICE_MAP_BUFFER, ExpertLayout, RoutingInfo, identity_experts, routing_info
 from moeprune.adapters.shims import install_shims, unsupported_reason
 
 SHARED_EXPERT_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
@@ -85,6 +85,9 @@ def _find_router(block: nn.Module, num_experts: int, router_cls: type | None) ->
         weight = getattr(child, "weight", None)
         if child is not None and weight is not None and weight.dim() == 2 and weight.shape[0] == num_experts:
             return name, child
+    novice_map = getattr(block.get_submodule("experts"), NOVICE_MAP_BUFFER, None) if "experts" in children else None
+    if novice_map is not None and novice_map.numel() != num_experts:  # MoNE novices: the router keeps E rows
+        return _find_router(block, novice_map.numel(), router_cls)
     raise NotAnMoEModelError(
         f"found an experts module in {type(block).__name__} but no router with {num_experts} rows; "
         "this family is not supported yet"

@@ -7,8 +7,9 @@ novice j receives g_j(x) * mu_j, mu_j being expert j's mean output over its rout
 
 Stock transformers cannot express this, so it is saved as a documented extension:
 - `moeprune_novices.safetensors` in the output directory: per layer `layer.<i>.novice_vectors`
-  [n, H], `layer.<i>.expert_map` [E] (kept slot, or -(novice position + 1)) and the full router
-  tensors `layer.<i>.router.<name>` (E rows);
+  [n, H], `layer.<i>.expert_map` [E] (kept slot, or -(novice position + 1)) and the full-width
+  routing tensors `layer.<i>.router.<name>` (E rows, or E + the router's extra rows) and
+  `layer.<i>.block.<name>` (a block's own per-expert tensors, e.g. AFMoE's expert_bias);
 - config key `moeprune_novices` = {layer: {num_experts, kept, novices}}; the config's expert count
   is P while the checkpoint's router has E rows, so plain `from_pretrained` fails loudly with a size
   mismatch instead of silently loading a different model. `load_pruned` loads it with
@@ -112,14 +113,31 @@ def _novice_layers(model: nn.Module) -> dict[int, MoELayer]:
     return {int(i): layers[int(i)] for i in entries}
 
 
+def _full_width(layer: MoELayer, num_experts: int) -> list[tuple[str, nn.Module, str, torch.Tensor]]:
+    """(kind, owner module, attribute, tensor) of every per-expert routing tensor the novice layer keeps
+    at full width: router tensors with E rows (or E + the rows after the routed experts': Inkling,
+    ZAYA) or 1 x E, and the block's own E-row tensors (AFMoE's expert_bias)."""
+    from moeprune.adapters.layout import router_extra_rows
+
+    widths = {num_experts, num_experts + router_extra_rows(layer.router, num_experts)}
+    found = []
+    for module_name, module in layer.router.named_modules():
+        for attr, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if t.dim() >= 1 and (t.shape[0] in widths or (t.dim() == 2 and t.shape[0] == 1 and t.shape[1] == num_experts)):
+                found.append(("router", module, f"{module_name}.{attr}" if module_name else attr, t))
+    for attr, t in [*layer.block.named_parameters(recurse=False), *layer.block.named_buffers(recurse=False)]:
+        if t.dim() >= 1 and t.shape[0] == num_experts:
+            found.append(("block", layer.block, attr, t))
+    return found
+
+
 def novice_tensors(layer: MoELayer, num_experts: int) -> dict[str, torch.Tensor]:
     """The extension-file tensors of one installed novice layer (expert map, vectors, full routers)."""
     index = layer.layer
     tensors = {f"layer.{index}.expert_map": getattr(layer.experts, MAP_BUFFER).cpu(),
                f"layer.{index}.novice_vectors": getattr(layer.experts, VECTOR_BUFFER).cpu()}
-    for name, t in list(layer.router.named_parameters()) + list(layer.router.named_buffers()):
-        if t.dim() >= 1 and t.shape[0] == num_experts:
-            tensors[f"layer.{index}.router.{name}"] = t.detach().cpu()
+    for kind, _, name, t in _full_width(layer, num_experts):
+        tensors[f"layer.{index}.{kind}.{name}"] = t.detach().cpu()
     return tensors
 
 
@@ -140,6 +158,9 @@ def save_novices(model: nn.Module, output_dir: str | Path) -> Path:
 
 def restore_novices(model: nn.Module, path: str | Path) -> nn.Module:
     """Put full-width routers and novice vectors back into a model loaded from a novice checkpoint."""
+    from moeprune.adapters.layout import router_extra_rows
+    from moeprune.apply.surgery import ROUTER_COLUMN_ATTRS
+
     file = Path(path) / NOVICE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path}: config lists novices but {NOVICE_FILE} is missing")
@@ -150,24 +171,29 @@ def restore_novices(model: nn.Module, path: str | Path) -> nn.Module:
         e, kept = int(entry["num_experts"]), list(entry["kept"])
         if layer.num_experts != len(kept):
             raise ValueError(f"{path}: layer {index} has {layer.num_experts} experts, the novice record says {len(kept)}")
-        prefix = f"layer.{index}.router."
         with torch.no_grad():
-            for key, value in tensors.items():
-                if not key.startswith(prefix):
-                    continue
-                owner_name, _, attr = key[len(prefix):].rpartition(".")
-                owner = layer.router.get_submodule(owner_name) if owner_name else layer.router
-                current = getattr(owner, attr)
-                value = value.to(device=current.device, dtype=current.dtype)
-                if isinstance(current, nn.Parameter):
-                    setattr(owner, attr, nn.Parameter(value, requires_grad=current.requires_grad))
-                else:
-                    owner._buffers[attr] = value
+            for kind, root in (("router", layer.router), ("block", layer.block)):
+                prefix = f"layer.{index}.{kind}."
+                for key, value in tensors.items():
+                    if not key.startswith(prefix):
+                        continue
+                    owner_name, _, attr = key[len(prefix):].rpartition(".")
+                    owner = root.get_submodule(owner_name) if owner_name else root
+                    current = getattr(owner, attr)
+                    value = value.to(device=current.device, dtype=current.dtype)
+                    if isinstance(current, nn.Parameter):
+                        setattr(owner, attr, nn.Parameter(value, requires_grad=current.requires_grad))
+                    else:
+                        owner._buffers[attr] = value
+        extra = router_extra_rows(layer.router, e)  # the router is full width again
         for module in [layer.block, *layer.router.modules()]:
             for attr in EXPERT_COUNT_ATTRS:
                 if getattr(module, attr, None) == len(kept) and module is not layer.experts:
                     setattr(module, attr, e)
-            if isinstance(module, nn.Linear) and module.out_features == len(kept):
-                module.out_features = e
+            for attr in ROUTER_COLUMN_ATTRS:
+                if extra and getattr(module, attr, None) == len(kept) + extra:
+                    setattr(module, attr, e + extra)
+            if isinstance(module, nn.Linear) and module.out_features in (len(kept), len(kept) + extra):
+                module.out_features = module.weight.shape[0]
         _wrap(layer.experts, tensors[f"layer.{index}.expert_map"], tensors[f"layer.{index}.novice_vectors"])
     return model

@@ -212,9 +212,18 @@ def pruned_skeleton(path: str | Path, dtype: torch.dtype, trust_remote_code: boo
 def _load_non_uniform(path: Path, config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     from moeprune.io.safetensors_io import read_checkpoint_tensors
 
+    from moeprune.io.lazy_reader import set_tensor
+
     model = pruned_skeleton(path, dtype, trust_remote_code)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in read_checkpoint_tensors(path).items()}
+    taken = []
+    if getattr(config, "moeprune_novices", None):  # novice layers' routers keep E rows for P experts:
+        shapes = {k: v.shape for k, v in model.state_dict().items()}  # taken as they are (restore_novices)
+        taken = [k for k, v in state.items() if k in shapes and shapes[k] != v.shape]
+        for key in taken:
+            set_tensor(model, key, state.pop(key))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if k not in taken]
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:

@@ -181,8 +181,9 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits.float()
 
 
-def check_family(family: str, workdir: Path, streamed: bool = True) -> FamilyResult:
-    """Run the survey's checks on one family (see the module docstring)."""
+def check_family(family: str, workdir: Path, streamed: bool = True, strategy: str = "reap") -> FamilyResult:
+    """Run the survey's checks on one family (see the module docstring), pruning half the experts
+    with `strategy` (the masked check only for plans that select experts, without merges or novices)."""
     from moeprune.adapters.discovery import NotAnMoEModelError
     from moeprune.adapters import find_moe_layers
 
@@ -198,11 +199,15 @@ def check_family(family: str, workdir: Path, streamed: bool = True) -> FamilyRes
         find_moe_layers(model)
     except NotAnMoEModelError as exc:
         return FamilyResult(family, "refused", str(exc))
+    from moeprune.plan import PlanError
+
     result = FamilyResult(family, "error")
     try:
-        _run_checks(model, workdir / family, result, streamed)
-        bad = [k for k, v in result.checks.items() if v.startswith(("DIFFERS", "NON", "UNEQUAL"))]
+        _run_checks(model, workdir / family, result, streamed, strategy)
+        bad = [k for k, v in result.checks.items() if "DIFFERS" in v or "NON-FINITE" in v or "UNEQUAL" in v]
         result.status = "wrong" if bad else "ok"
+    except PlanError as exc:  # the strategy refuses this family's routing, in one line
+        result.status, result.detail = "refused", f"{strategy}: {exc}"
     except Exception as exc:  # noqa: BLE001
         last = traceback.extract_tb(exc.__traceback__)[-1]
         result.status = "error"
@@ -211,13 +216,14 @@ def check_family(family: str, workdir: Path, streamed: bool = True) -> FamilyRes
     return result
 
 
-def _run_checks(original: nn.Module, root: Path, result: FamilyResult, streamed: bool) -> None:
+def _run_checks(original: nn.Module, root: Path, result: FamilyResult, streamed: bool, strategy: str) -> None:
     from moeprune import apply, calibrate, plan, save
     from moeprune.adapters import find_moe_layers
     from moeprune.adapters.shims import expert_count_shared
     from moeprune.evaluation.routing_mask import mask_experts
     from moeprune.io.checkpoint import load_pruned
     from moeprune.io.loading import load_model
+    from moeprune.strategies import get_strategy
     from moeprune.testing.tiny_models import random_batch
     from moeprune.testing.tiny_tokenizer import byte_tokenizer
 
@@ -231,12 +237,15 @@ def _run_checks(original: nn.Module, root: Path, result: FamilyResult, streamed:
                      f"{first.routing.scoring}, layout {first.layout.describe()}")
     ids = random_batch(model.config.get_text_config().vocab_size, batch=2, seq_len=10)
     reference = _logits(model, ids)
-    stats = calibrate(model, ids, progress=False)
+    stats = calibrate(model, ids, progress=False, dense_tokens=get_strategy(strategy).dense_tokens)
     apply(model, plan(stats, "frequency", 0.0))
     result.checks["keep-all"] = "exact" if torch.equal(_logits(model, ids), reference) else "DIFFERS"
-    p = plan(stats, "reap", 0.5)
+    p = plan(stats, strategy, 0.5, model=model)
     dropped = {i: sorted(set(range(counts_before[i])) - set(lp.kept)) for i, lp in p.layers.items()}
-    if any(layer.routing.n_group > 1 and layer.routing.topk_group < layer.routing.n_group for layer in layers):
+    edits = any(lp.merges or lp.novices or lp.recombine_threshold is not None for lp in p.layers.values())
+    if edits:
+        masked, result.checks["masked"] = None, "n/a (merges or novices)"
+    elif any(layer.routing.n_group > 1 and layer.routing.topk_group < layer.routing.n_group for layer in layers):
         masked, result.checks["masked"] = None, "n/a (group-limited routing)"
     else:
         with mask_experts(model, dropped):
@@ -249,35 +258,43 @@ def _run_checks(original: nn.Module, root: Path, result: FamilyResult, streamed:
         gap = (pruned - masked).abs().max().item()
         result.checks["masked"] = "equal" if gap <= 1e-4 else f"DIFFERS by {gap:.3g}"
     out = save(model, root / "in-memory", plan=p, input_dir=src)
-    if expert_count_shared(model.config):
-        reloaded = load_pruned(out, dtype=torch.float32)
+    non_uniform = len({len(lp.kept) for lp in p.layers.values()}) > 1
+    if expert_count_shared(model.config) or non_uniform or any(lp.novices for lp in p.layers.values()):
+        reloaded = load_pruned(out, dtype=torch.float32)  # moeprune's extensions (stock loading refuses them)
     else:
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     gap = (_logits(reloaded, ids) - pruned).abs().max().item()
     result.checks["reload"] = "equal" if gap <= 1e-5 else f"DIFFERS by {gap:.3g}"
-    counts = sorted({layer.num_experts for layer in find_moe_layers(reloaded)})
-    halved = sorted({n // 2 for n in counts_before.values()})
-    result.checks["reloaded experts"] = ",".join(map(str, counts)) + ("" if counts == halved else " UNEQUAL to half")
+    counts = {layer.layer: layer.num_experts for layer in find_moe_layers(reloaded)}
+    planned = {i: len(lp.kept) for i, lp in p.layers.items()}
+    result.checks["reloaded experts"] = ",".join(map(str, sorted(set(counts.values())))) + \
+        ("" if counts == planned else " UNEQUAL to the plan")
     if streamed:
         try:
-            result.checks["streamed"] = _streamed_check(src, ids, stats, p, out, root / "streamed")
+            result.checks["streamed"] = _streamed_check(src, ids, stats, p, out, root / "streamed", strategy)
         except ValueError as exc:
             if "\n" in str(exc):
                 raise
             result.checks["streamed"] = f"refused: {exc}"
 
 
-def _streamed_check(src: Path, ids: torch.Tensor, stats, in_memory, reference: Path, out: Path) -> str:
+def _streamed_check(src: Path, ids: torch.Tensor, stats, in_memory, reference: Path, out: Path, strategy: str) -> str:
     """`--offload`'s calibration and apply from the shards: same statistics, plan and tensors."""
     from moeprune.apply.streamed import streamed_apply
     from moeprune.calibration.streamed import streamed_calibrate
     from moeprune.io.safetensors_io import read_checkpoint_tensors
-    from moeprune.strategies import plan
+    from moeprune.engine.expert_reader import LazyExpertWeights
+    from moeprune.strategies import get_strategy, plan
 
-    streamed_stats = streamed_calibrate(src, ids, progress=False)
+    spec = get_strategy(strategy)
+    streamed_stats = streamed_calibrate(src, ids, progress=False, dense_tokens=spec.dense_tokens)
     if streamed_stats.digest() != stats.digest():
         return "DIFFERS (statistics)"
-    p = plan(streamed_stats, "reap", 0.5)
+    if spec.needs_weights:  # what --offload passes: the shards, one MoE layer at a time
+        with LazyExpertWeights(src) as weights:
+            p = plan(streamed_stats, strategy, 0.5, model=weights)
+    else:
+        p = plan(streamed_stats, strategy, 0.5)
     if p.layers != in_memory.layers:
         return "DIFFERS (plan)"
     streamed_apply(src, p, out, max_shard_size="20KB", progress=False)
@@ -285,16 +302,23 @@ def _streamed_check(src: Path, ids: torch.Tensor, stats, in_memory, reference: P
     if sorted(a) != sorted(b):
         return f"DIFFERS (tensor names: {sorted(set(a) ^ set(b))[:3]})"
     unequal = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    if any(lp.novices for lp in p.layers.values()):  # MoNE's extension file next to the shards
+        from safetensors.torch import load_file
+
+        from moeprune.apply.novice import NOVICE_FILE
+
+        x, y = load_file(reference / NOVICE_FILE), load_file(out / NOVICE_FILE)
+        unequal += [k for k in x if k not in y or not torch.equal(x[k], y[k])]
     return f"DIFFERS ({unequal[:3]})" if unequal else "equal"
 
 
-def survey(families: Sequence[str] | None = None) -> list[FamilyResult]:
+def survey(families: Sequence[str] | None = None, strategy: str = "reap") -> list[FamilyResult]:
     """`check_family` for each of `families` (default: every MoE family of transformers)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     results = []
     with tempfile.TemporaryDirectory(prefix="moeprune-survey-") as tmp:
         for family in families or moe_families():
-            results.append(check_family(family, Path(tmp)))
+            results.append(check_family(family, Path(tmp), strategy=strategy))
     return results
 
 
