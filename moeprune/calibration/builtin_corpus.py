@@ -29,6 +29,9 @@ Split = Literal["train", "heldout", "all"]
 DOMAINS: tuple[str, ...] = ("code", "prose", "mixed")
 # Text of moeprune's dependencies, never trained on (moeprune.calibration.third_party_corpus).
 THIRD_PARTY_DOMAINS: tuple[str, ...] = ("third-party-code", "third-party-prose", "third-party-mixed")
+# the models' own kind of text and the third-party text, half of the characters each, interleaved
+# (a broad router-KD source)
+BROAD_DOMAIN = "broad-mixed"
 SPLITS: tuple[str, ...] = ("train", "heldout", "all")
 
 _EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
@@ -164,12 +167,22 @@ def builtin_documents(domain: str, split: str = "train") -> list[str]:
         domain: ``"code"``, ``"prose"`` or ``"mixed"`` (code and prose interleaved), or
             ``"third-party-code"`` / ``"third-party-prose"`` (dependencies' sources and docs; their
             ``train`` split is a disjoint calibration part, see :mod:`third_party_corpus`) or
-            ``"third-party-mixed"`` (both interleaved, as ``"mixed"``).
+            ``"third-party-mixed"`` (both interleaved, as ``"mixed"``), or ``"broad-mixed"``
+            (``"third-party-mixed"`` and as many characters of ``"mixed"``, interleaved).
         split: ``"train"``, ``"heldout"`` or ``"all"``.
 
     Returns:
         A new list of document strings in a deterministic order.
     """
+    if domain == BROAD_DOMAIN:  # as many characters of own text as of third-party text
+        third, own, size = builtin_documents("third-party-mixed", split), [], 0
+        budget = sum(len(d) for d in third)
+        for doc in builtin_documents("mixed", split):
+            if size >= budget:
+                break
+            own.append(doc)
+            size += len(doc)
+        return _interleave(own, third)
     if domain in THIRD_PARTY_DOMAINS:
         from moeprune.calibration.third_party_corpus import third_party_documents
 
@@ -179,7 +192,7 @@ def builtin_documents(domain: str, split: str = "train") -> list[str]:
         return third_party_documents(domain, split)
     if domain not in DOMAINS:
         raise ValueError(
-            f"unknown built-in corpus domain {domain!r}; expected one of {DOMAINS + THIRD_PARTY_DOMAINS}"
+            f"unknown built-in corpus domain {domain!r}; expected one of {DOMAINS + THIRD_PARTY_DOMAINS + (BROAD_DOMAIN,)}"
         )
     if split not in SPLITS:
         raise ValueError(f"unknown built-in corpus split {split!r}; expected one of {SPLITS}")
