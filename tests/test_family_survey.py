@@ -112,3 +112,41 @@ def test_every_family_with_more_strategies(strategy):
     refused = {r.family: r.detail for r in results if r.status == "refused"}
     assert all("\n" not in why for why in refused.values())
     assert EXPECTED_OK - set(refused) <= {r.family for r in results if r.status == "ok"}
+
+
+def _gemma4_checkpoint(path):
+    from moeprune.testing.family_survey import causal_lm_type, seeded_model, shrunk_config
+    from moeprune.testing.tiny_tokenizer import byte_tokenizer
+
+    model = seeded_model(shrunk_config(causal_lm_type("gemma4")))
+    model.save_pretrained(path, max_shard_size="20KB")
+    byte_tokenizer().save_pretrained(path)
+    return model
+
+
+def test_experts_in_the_decoder_layer_stream_sparsify_and_refuse_local_kd(tmp_path):
+    """Gemma-4 keeps router and experts in the decoder layer itself (no MoE block module): the
+    layer-wise passes find their layer, and the block-output fit is refused in one line."""
+    from click.testing import CliRunner
+
+    from moeprune.adapters import find_moe_layers
+    from moeprune.calibration.attribution import decoder_layer_of
+    from moeprune.cli import main
+    from moeprune.io.safetensors_io import read_checkpoint_tensors
+    from moeprune.sparsify.collect import moe_by_decoder_index
+
+    model = _gemma4_checkpoint(tmp_path / "src")
+    layer = find_moe_layers(model)[0]
+    assert layer.block_is_decoder_layer and decoder_layer_of(model, layer.block_name) is layer.block
+    assert sorted(moe_by_decoder_index(model)) == [0, 1]
+    common = [str(tmp_path / "src"), "--ratio", "0.5", "--samples", "4", "--seq-len", "32"]
+    for mode in ("--offload", "--no-offload"):
+        run = CliRunner().invoke(main, ["prune", *common, "-o", str(tmp_path / mode), "--sparsify", "wanda", mode])
+        assert run.exit_code == 0, run.output[-600:]
+    a, b = read_checkpoint_tensors(tmp_path / "--offload"), read_checkpoint_tensors(tmp_path / "--no-offload")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for mode in ("--offload", "--no-offload"):
+        run = CliRunner().invoke(main, ["prune", *common, "-o", str(tmp_path / f"kd{mode}"), "--router-kd-local", mode])
+        lines = [line for line in run.output.splitlines() if line.startswith("Error")]
+        assert run.exit_code != 0 and len(lines) == 1 and "inside the decoder layer" in lines[0], run.output[-600:]
+        assert not (tmp_path / f"kd{mode}").exists()

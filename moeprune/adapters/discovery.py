@@ -51,6 +51,17 @@ class MoELayer:
         return self.layout.num_experts
 
     @property
+    def block_is_decoder_layer(self) -> bool:
+        """The experts and router sit directly in the decoder layer (Gemma-4): no MoE block module."""
+        return self.block_name.rsplit(".", 1)[-1].isdigit()
+
+    def refuse_block_output(self, what: str) -> None:
+        """One-line ValueError for a pass that needs the MoE block's own output."""
+        if self.block_is_decoder_layer:
+            raise ValueError(f"layer {self.layer}: {what} fits the MoE block's output, but this family computes its "
+                             "experts inside the decoder layer (no MoE block module); use --router-kd instead")
+
+    @property
     def experts_name(self) -> str:
         return f"{self.block_name}.experts" if self.block_name else "experts"
 

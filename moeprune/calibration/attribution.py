@@ -62,7 +62,10 @@ class AttributionCollector:
 
 
 def decoder_layer_of(model: nn.Module, block_name: str) -> nn.Module | None:
-    """The module that contains the MoE block (the decoder layer), or None at the top level."""
+    """The module that contains the MoE block (the decoder layer), or None at the top level; the
+    block itself where it is the decoder layer (an item of a module list: Gemma-4)."""
     if "." not in block_name:
         return None
+    if block_name.rsplit(".", 1)[-1].isdigit():
+        return model.get_submodule(block_name)
     return model.get_submodule(block_name.rsplit(".", 1)[0])

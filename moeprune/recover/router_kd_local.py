@@ -40,6 +40,8 @@ def capture_block_io(
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """{MoE layer: (inputs [N, H], outputs [N, H])} of every MoE block over the real tokens of `input_ids`."""
     layers = find_moe_layers(model)
+    for layer in layers:
+        layer.refuse_block_output("--router-kd-local")
     io: dict[int, tuple[list, list]] = {layer.layer: ([], []) for layer in layers}
     current: dict[str, torch.Tensor | None] = {"keep": None}
 

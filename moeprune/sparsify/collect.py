@@ -190,6 +190,6 @@ def moe_by_decoder_index(model: nn.Module) -> dict[int, MoELayer]:
     result: dict[int, MoELayer] = {}
     for moe in find_moe_layers(model):
         for index in range(len(layers)):
-            if moe.block_name.startswith(f"{list_name}.{index}."):
+            if moe.block_name == f"{list_name}.{index}" or moe.block_name.startswith(f"{list_name}.{index}."):
                 result[index] = moe
     return result
