@@ -150,3 +150,33 @@ def test_experts_in_the_decoder_layer_stream_sparsify_and_refuse_local_kd(tmp_pa
         lines = [line for line in run.output.splitlines() if line.startswith("Error")]
         assert run.exit_code != 0 and len(lines) == 1 and "inside the decoder layer" in lines[0], run.output[-600:]
         assert not (tmp_path / f"kd{mode}").exists()
+
+
+@pytest.mark.parametrize("family", ["afmoe", "inkling2", "deepseek_v2", "longcat_flash", "gpt_oss"])
+def test_bf16_checkpoints_load_like_from_pretrained_and_keep_their_dtypes(family, tmp_path):
+    """In bf16: tensors transformers keeps in float32 (Inkling-2's routers and correction bias,
+    AFMoE's expert_bias) load in float32 as with `from_pretrained` (the loader and the streamed
+    reader), routers that upcast their weight are masked, and every output tensor keeps its input
+    dtype, in memory and streamed."""
+    import transformers
+
+    from moeprune.io.lazy_load import load_lazily
+    from moeprune.testing.family_survey import (_as_stock_checkpoint, causal_lm_type, check_family, seeded_model,
+                                                shrunk_config)
+
+    result = check_family(family, tmp_path / "survey", dtype=torch.bfloat16)
+    assert result.status == "ok" and result.checks["dtypes"] == "kept" and result.checks["masked"] == "equal", \
+        (result.detail, result.checks)
+    src = tmp_path / "src"
+    _as_stock_checkpoint(seeded_model(shrunk_config(causal_lm_type(family))), torch.bfloat16).save_pretrained(src)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).state_dict()
+    lazy = load_lazily(src, torch.bfloat16).state_dict()
+    assert {k: v.dtype for k, v in lazy.items()} == {k: v.dtype for k, v in stock.items()}
+    assert all(torch.equal(lazy[k], stock[k]) for k in stock)
+
+
+@pytest.mark.slow
+def test_every_family_in_bf16():
+    results = survey(dtype=torch.bfloat16)
+    assert not {r.family: (r.detail, r.checks) for r in results if r.status in ("wrong", "error")}
+    assert EXPECTED_OK <= {r.family for r in results if r.status == "ok"}

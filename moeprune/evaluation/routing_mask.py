@@ -32,18 +32,27 @@ def find_routers(model: nn.Module) -> dict[int, nn.Module]:
     return {layer.layer: layer.router for layer in find_moe_layers(model)}
 
 
+_CONVERSIONS = frozenset({torch.Tensor.float, torch.Tensor.to, torch.Tensor.type, torch.Tensor.double,
+                          torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.contiguous})
+
+
 class _MaskLinearOutput(TorchFunctionMode):
-    """Inside one router's forward: -inf in the dropped columns of `F.linear(x, weight)`."""
+    """Inside one router's forward: -inf in the dropped columns of `F.linear(x, weight)`, `weight`
+    being the router's logit weight or a conversion of it (`self.weight.float()` in a bf16 model)."""
 
     def __init__(self, weights: Sequence[torch.Tensor], columns: Sequence[int]) -> None:
         super().__init__()
         self.ids = {id(w) for w in weights}
+        self.derived: list[torch.Tensor] = []  # conversions of the weight, alive while the router runs
         self.columns = list(columns)
         self.hits = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func is torch.nn.functional.linear and len(args) > 1 and id(args[1]) in self.ids:
+        if func in _CONVERSIONS and args and id(args[0]) in self.ids and isinstance(out, torch.Tensor):
+            self.derived.append(out)
+            self.ids.add(id(out))
+        elif func is torch.nn.functional.linear and len(args) > 1 and id(args[1]) in self.ids:
             out = out.clone()
             out[..., self.columns] = float("-inf")
             self.hits += 1

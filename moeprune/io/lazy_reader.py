@@ -195,6 +195,7 @@ class KeyMap:
             raise NotAnMoEModelError(reason)
         self.model = model
         self.trims = loaded_trims(model)  # LongCat: its gate_up_proj is the real rows of the stock tensor
+        self._fp32_plans: dict[torch.dtype, Any] = {}
         conversions = get_model_conversion_mapping(model)
         self.renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
         self.converters = [c for c in conversions if isinstance(c, WeightConverter)]
@@ -301,7 +302,7 @@ class KeyMap:
                 if len(keys) > 1:
                     raise CorruptCheckpointError(f"{ckpt.path}: tensors {keys} all load into {first}")
                 results = {first: ckpt.get(keys[0])}
-            elif (fused := self._stack_direct(ckpt, keys, self.pattern_to_converter[pattern], dtype)) is not None:
+            elif (fused := self._stack_direct(ckpt, keys, self.pattern_to_converter[pattern], self.dtype_for(first, dtype))) is not None:
                 results = {first: fused}
             else:
                 mapping = deepcopy(self.pattern_to_converter[pattern])
@@ -314,8 +315,30 @@ class KeyMap:
                 if name in self.trims:
                     value = self.trims[name](value)
                 if dtype is not None and value.is_floating_point():
-                    value = value.to(dtype)
+                    value = value.to(self.dtype_for(name, dtype))
                 yield name, value
+
+    def dtype_for(self, name: str, dtype: torch.dtype | None) -> torch.dtype | None:
+        """`dtype`, or float32 for the tensors transformers keeps in float32 when it loads the model
+        in `dtype` (`_keep_in_fp32_modules_strict` in bf16/fp16, `_keep_in_fp32_modules` in fp16:
+        e.g. Inkling-2's routers, AFMoE's expert_bias), so that moeprune's loads equal `from_pretrained`'s."""
+        if dtype not in (torch.float16, torch.bfloat16):
+            return dtype
+        if dtype not in self._fp32_plans:
+            self._fp32_plans[dtype] = kept_in_fp32(self.model, dtype)
+        pattern = self._fp32_plans[dtype]
+        return torch.float32 if pattern is not None and pattern.search(name) else dtype
+
+
+def kept_in_fp32(model: nn.Module, dtype: torch.dtype) -> "re.Pattern | None":
+    """The pattern of the tensor names transformers keeps in float32 when it loads `model` in
+    `dtype` (its dtype plan from `_keep_in_fp32_modules(_strict)`), or None when there are none."""
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    if not plan:
+        return None
+    from transformers.core_model_loading import build_glob_alternation
+
+    return build_glob_alternation(list(plan))[0]
 
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -181,7 +181,8 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits.float()
 
 
-def check_family(family: str, workdir: Path, streamed: bool = True, strategy: str = "reap") -> FamilyResult:
+def check_family(family: str, workdir: Path, streamed: bool = True, strategy: str = "reap",
+                 dtype: torch.dtype = torch.float32) -> FamilyResult:
     """Run the survey's checks on one family (see the module docstring), pruning half the experts
     with `strategy` (the masked check only for plans that select experts, without merges or novices)."""
     from moeprune.adapters.discovery import NotAnMoEModelError
@@ -203,7 +204,7 @@ def check_family(family: str, workdir: Path, streamed: bool = True, strategy: st
 
     result = FamilyResult(family, "error")
     try:
-        _run_checks(model, workdir / family, result, streamed, strategy)
+        _run_checks(model, workdir / family, result, streamed, strategy, dtype)
         bad = [k for k, v in result.checks.items() if "DIFFERS" in v or "NON-FINITE" in v or "UNEQUAL" in v]
         result.status = "wrong" if bad else "ok"
     except PlanError as exc:  # the strategy refuses this family's routing, in one line
@@ -216,7 +217,8 @@ def check_family(family: str, workdir: Path, streamed: bool = True, strategy: st
     return result
 
 
-def _run_checks(original: nn.Module, root: Path, result: FamilyResult, streamed: bool, strategy: str) -> None:
+def _run_checks(original: nn.Module, root: Path, result: FamilyResult, streamed: bool, strategy: str,
+                dtype: torch.dtype) -> None:
     from moeprune import apply, calibrate, plan, save
     from moeprune.adapters import find_moe_layers
     from moeprune.adapters.shims import expert_count_shared
@@ -228,9 +230,10 @@ def _run_checks(original: nn.Module, root: Path, result: FamilyResult, streamed:
     from moeprune.testing.tiny_tokenizer import byte_tokenizer
 
     src = root / "input"
-    original.save_pretrained(src, max_shard_size="20KB")  # several shards: the streamed reader's case
+    _as_stock_checkpoint(original, dtype).save_pretrained(src, max_shard_size="20KB")  # several shards
     byte_tokenizer().save_pretrained(src)
-    model = load_model(str(src), dtype=torch.float32)[0]
+    model = load_model(str(src), dtype="auto")[0]  # the checkpoint's own dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2  # pruned vs masked: other kernels, other rounding
     layers = find_moe_layers(model)
     first, counts_before = layers[0], {layer.layer: layer.num_experts for layer in layers}
     result.detail = (f"{len(layers)} MoE layers x {first.num_experts} experts, top-{first.routing.top_k}, "
@@ -256,15 +259,16 @@ def _run_checks(original: nn.Module, root: Path, result: FamilyResult, streamed:
         result.checks["finite"] = "NON-FINITE"
     if masked is not None:
         gap = (pruned - masked).abs().max().item()
-        result.checks["masked"] = "equal" if gap <= 1e-4 else f"DIFFERS by {gap:.3g}"
+        result.checks["masked"] = "equal" if gap <= tolerance else f"DIFFERS by {gap:.3g}"
     out = save(model, root / "in-memory", plan=p, input_dir=src)
     non_uniform = len({len(lp.kept) for lp in p.layers.values()}) > 1
     if expert_count_shared(model.config) or non_uniform or any(lp.novices for lp in p.layers.values()):
-        reloaded = load_pruned(out, dtype=torch.float32)  # moeprune's extensions (stock loading refuses them)
+        reloaded = load_pruned(out, dtype="auto")  # moeprune's extensions (stock loading refuses them)
     else:
-        reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
     gap = (_logits(reloaded, ids) - pruned).abs().max().item()
-    result.checks["reload"] = "equal" if gap <= 1e-5 else f"DIFFERS by {gap:.3g}"
+    result.checks["reload"] = "equal" if gap <= (1e-5 if dtype == torch.float32 else 1e-2) else f"DIFFERS by {gap:.3g}"
+    result.checks["dtypes"] = _dtype_check(src, out)
     counts = {layer.layer: layer.num_experts for layer in find_moe_layers(reloaded)}
     planned = {i: len(lp.kept) for i, lp in p.layers.items()}
     result.checks["reloaded experts"] = ",".join(map(str, sorted(set(counts.values())))) + \
@@ -276,6 +280,33 @@ def _run_checks(original: nn.Module, root: Path, result: FamilyResult, streamed:
             if "\n" in str(exc):
                 raise
             result.checks["streamed"] = f"refused: {exc}"
+
+
+def _as_stock_checkpoint(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model` in `dtype` with the tensors transformers keeps in float32 left in float32, as a
+    checkpoint saved from a model loaded in `dtype` holds them."""
+    from moeprune.io.lazy_reader import kept_in_fp32
+
+    pattern = kept_in_fp32(model, dtype)
+    model = model.to(dtype)
+    if pattern is not None:
+        for module_name, module in model.named_modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if pattern.search(f"{module_name}.{name}" if module_name else name):
+                    param.data = param.data.float()
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if buf is not None and buf.is_floating_point() and pattern.search(f"{module_name}.{name}" if module_name else name):
+                    module._buffers[name] = buf.float()
+    return model
+
+
+def _dtype_check(src: Path, out: Path) -> str:
+    """Every output tensor in its input tensor's dtype (the checkpoint's own, fp32-kept ones included)."""
+    from moeprune.io.safetensors_io import read_checkpoint_tensors
+
+    a, b = read_checkpoint_tensors(src), read_checkpoint_tensors(out)
+    changed = [f"{k}: {a[k].dtype} -> {b[k].dtype}" for k in b if k in a and a[k].dtype != b[k].dtype]
+    return f"DIFFERS ({changed[:2]})" if changed else "kept"
 
 
 def _streamed_check(src: Path, ids: torch.Tensor, stats, in_memory, reference: Path, out: Path, strategy: str) -> str:
@@ -312,13 +343,14 @@ def _streamed_check(src: Path, ids: torch.Tensor, stats, in_memory, reference: P
     return f"DIFFERS ({unequal[:3]})" if unequal else "equal"
 
 
-def survey(families: Sequence[str] | None = None, strategy: str = "reap") -> list[FamilyResult]:
+def survey(families: Sequence[str] | None = None, strategy: str = "reap",
+           dtype: torch.dtype = torch.float32) -> list[FamilyResult]:
     """`check_family` for each of `families` (default: every MoE family of transformers)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     results = []
     with tempfile.TemporaryDirectory(prefix="moeprune-survey-") as tmp:
         for family in families or moe_families():
-            results.append(check_family(family, Path(tmp), strategy=strategy))
+            results.append(check_family(family, Path(tmp), strategy=strategy, dtype=dtype))
     return results
 
 
