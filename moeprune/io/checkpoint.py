@@ -212,10 +212,15 @@ def pruned_skeleton(path: str | Path, dtype: torch.dtype, trust_remote_code: boo
 def _load_non_uniform(path: Path, config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     from moeprune.io.safetensors_io import read_checkpoint_tensors
 
-    from moeprune.io.lazy_reader import set_tensor
+    from moeprune.io.lazy_reader import kept_in_fp32, set_tensor
 
     model = pruned_skeleton(path, dtype, trust_remote_code)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in read_checkpoint_tensors(path).items()}
+    fp32 = kept_in_fp32(model, dtype)  # what from_pretrained keeps in float32 (io.lazy_reader)
+
+    def cast(key: str, v: torch.Tensor) -> torch.Tensor:
+        return v.to(torch.float32 if fp32 is not None and fp32.search(key) else dtype) if v.is_floating_point() else v
+
+    state = {k: cast(k, v) for k, v in read_checkpoint_tensors(path).items()}
     taken = []
     if getattr(config, "moeprune_novices", None):  # novice layers' routers keep E rows for P experts:
         shapes = {k: v.shape for k, v in model.state_dict().items()}  # taken as they are (restore_novices)
