@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moeprune.adapters.layout import router_extra_rows, router_scoring_weights
-from moeprune.testing.family_survey import survey
+from moeprune.testing.family_survey import moe_families, survey
 
 # families the survey found correct (transformers 5.24): a family that stops passing fails this test
 EXPECTED_OK = {
@@ -23,6 +23,11 @@ EXPECTED_OK = {
 }
 
 
+def _installed(family: str) -> None:
+    if family not in moe_families():
+        pytest.skip(f"{family} is not in this transformers")
+
+
 @pytest.fixture(scope="module")
 def results():
     return {r.family: r for r in survey()}
@@ -34,8 +39,10 @@ def test_no_family_is_pruned_wrong_and_none_errors(results):
 
 
 def test_every_expected_family_is_correct_in_memory_and_streamed(results):
-    assert EXPECTED_OK <= {f for f, r in results.items() if r.status == "ok"}
-    for family in EXPECTED_OK:
+    expected = EXPECTED_OK & set(results)  # another transformers may not ship every one of them
+    assert len(expected) >= 13  # the family table's own families at least
+    assert expected <= {f for f, r in results.items() if r.status == "ok"}
+    for family in expected:
         checks = results[family].checks
         assert checks["keep-all"] == "exact" and checks["reload"] == "equal", family
         assert checks["masked"] in ("equal", "n/a (group-limited routing)"), family
@@ -82,6 +89,7 @@ def test_extra_router_rows_are_kept_after_the_kept_ones():
     from moeprune.adapters import find_moe_layers
     from moeprune.testing.family_survey import causal_lm_type, seeded_model, shrunk_config
 
+    _installed("inkling")
     model = seeded_model(shrunk_config(causal_lm_type("inkling")))  # router rows: 8 routed experts + 1 shared-expert gate
     layer = find_moe_layers(model)[0]
     weight = layer.router.weight.detach().clone()
@@ -99,6 +107,7 @@ def test_mone_novices_keep_every_full_width_routing_tensor(family, tmp_path):
     module-layout reload (JetMoE) all come back at full width."""
     from moeprune.testing.family_survey import check_family
 
+    _installed(family)
     result = check_family(family, tmp_path, strategy="mone")
     assert result.status == "ok", (result.detail, result.checks)
     assert result.checks["reload"] == "equal"
@@ -111,7 +120,7 @@ def test_every_family_with_more_strategies(strategy):
     assert not {r.family: (r.detail, r.checks) for r in results if r.status in ("wrong", "error")}
     refused = {r.family: r.detail for r in results if r.status == "refused"}
     assert all("\n" not in why for why in refused.values())
-    assert EXPECTED_OK - set(refused) <= {r.family for r in results if r.status == "ok"}
+    assert (EXPECTED_OK & {r.family for r in results}) - set(refused) <= {r.family for r in results if r.status == "ok"}
 
 
 def _gemma4_checkpoint(path):
@@ -135,6 +144,7 @@ def test_experts_in_the_decoder_layer_stream_sparsify_and_refuse_local_kd(tmp_pa
     from moeprune.io.safetensors_io import read_checkpoint_tensors
     from moeprune.sparsify.collect import moe_by_decoder_index
 
+    _installed("gemma4")
     model = _gemma4_checkpoint(tmp_path / "src")
     layer = find_moe_layers(model)[0]
     assert layer.block_is_decoder_layer and decoder_layer_of(model, layer.block_name) is layer.block
@@ -164,6 +174,7 @@ def test_bf16_checkpoints_load_like_from_pretrained_and_keep_their_dtypes(family
     from moeprune.testing.family_survey import (_as_stock_checkpoint, causal_lm_type, check_family, seeded_model,
                                                 shrunk_config)
 
+    _installed(family)
     result = check_family(family, tmp_path / "survey", dtype=torch.bfloat16)
     assert result.status == "ok" and result.checks["dtypes"] == "kept" and result.checks["masked"] == "equal", \
         (result.detail, result.checks)
@@ -179,4 +190,4 @@ def test_bf16_checkpoints_load_like_from_pretrained_and_keep_their_dtypes(family
 def test_every_family_in_bf16():
     results = survey(dtype=torch.bfloat16)
     assert not {r.family: (r.detail, r.checks) for r in results if r.status in ("wrong", "error")}
-    assert EXPECTED_OK <= {r.family for r in results if r.status == "ok"}
+    assert EXPECTED_OK & {r.family for r in results} <= {r.family for r in results if r.status == "ok"}

@@ -19,6 +19,7 @@ moeprune's routing code:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -77,7 +78,8 @@ class FamilyResult:
     checks: dict[str, str] = field(default_factory=dict)
 
 
-def moe_families() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def moe_families() -> tuple[str, ...]:
     """model_type of every transformers family whose modeling file defines an experts/MoE class."""
     root = Path(transformers.__file__).parent / "models"
     pattern = re.compile(r"class \w*(Experts|SparseMoe|MoE|Moe)\w*\(")
@@ -85,7 +87,7 @@ def moe_families() -> list[str]:
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         if any(pattern.search(f.read_text()) for f in folder.glob("modeling_*.py")):
             found.append(folder.name)
-    return found
+    return tuple(found)
 
 
 def causal_lm_type(family: str) -> str | None:
