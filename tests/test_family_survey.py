@@ -191,3 +191,31 @@ def test_every_family_in_bf16():
     results = survey(dtype=torch.bfloat16)
     assert not {r.family: (r.detail, r.checks) for r in results if r.status in ("wrong", "error")}
     assert EXPECTED_OK & {r.family for r in results} <= {r.family for r in results if r.status == "ok"}
+
+
+def test_zero_weight_picks_are_no_expert_tokens():
+    """ZAYA's router rewrites a pick of its skip class as (expert 0, weight 0): calibration must not
+    count it as expert 0's token, and observing must not change the layer's output."""
+    from moeprune import calibrate
+    from moeprune.adapters import find_moe_layers
+    from moeprune.testing.family_survey import seeded_model, shrunk_config
+    from moeprune.testing.tiny_models import random_batch
+
+    _installed("zaya")
+    model = seeded_model(shrunk_config("zaya"))
+    layer = find_moe_layers(model)[0]
+    with torch.no_grad():
+        layer.router.balancing_biases[-1] = 0.3  # make the skip class a frequent pick
+    ids = random_batch(272, batch=2, seq_len=10)
+    with torch.no_grad():
+        reference = model(ids).logits
+    picks = []
+    handle = layer.router.register_forward_hook(lambda module, args, out: picks.append((out[1].detach(), out[2].detach())))
+    stats = calibrate(model, ids, progress=False)
+    handle.remove()
+    weights, index = picks[0]
+    assert (weights == 0).sum() > 0
+    by_hand = torch.bincount(index[weights != 0].reshape(-1), minlength=8).double()
+    assert torch.equal(stats.layers[layer.layer].tensors["count"], by_hand)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference)

@@ -11,7 +11,8 @@ On a layer with MoNE novices (router E columns, P kept experts, `adapters.layout
 the router's picks are mapped to kept slots; picks of novices add g * mu and never reach the sink,
 whose `top_k_index` then holds kept slots with -1 for novice picks. Identity experts (LongCat's zero
 experts: router columns >= E, `adapters.layout.identity_experts`) are stand-ins the same way: their
-picks add g * x and reach the sink as -1.
+picks add g * x and reach the sink as -1. So are picks at weight exactly 0, which add nothing:
+ZAYA's router rewrites a pick of its skip class as (expert 0, weight 0), which is no token of expert 0's.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ def routed_forward(
         mapped = top_k_index.masked_fill(top_k_index >= experts.gate_up_proj.shape[0], -1)
         return _standin_routed_forward(experts, hidden_states, mapped, top_k_weights, sink,
                                        lambda w: w.sum(dim=1, keepdim=True) * hidden_states.to(w.dtype))
+    zero = top_k_weights == 0
+    if bool(zero.any()):  # a pick at weight 0 serves no token (ZAYA's skip class, rewritten as expert 0)
+        mapped = top_k_index.masked_fill(zero, -1)
+        return _standin_routed_forward(experts, hidden_states, mapped, top_k_weights, sink,
+                                       lambda w: torch.zeros_like(hidden_states, dtype=w.dtype))
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.shape
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
