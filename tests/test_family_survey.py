@@ -20,6 +20,7 @@ EXPECTED_OK = {
     "inkling2_loop", "jamba", "jetmoe", "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2_moe", "llama4",
     "longcat_flash", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "minimax_m3_vl", "mixtral", "nemotron_h",
     "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_moe", "qwen3_next", "qwen4_exp", "solar_open", "zaya",
+    "qwen3_vl_moe", "mistral_large4", "step3p7",  # image-text-to-text models: their text model pruned
 }
 
 
@@ -55,8 +56,9 @@ def test_refusals_are_one_line(results):
     assert all("\n" not in why for why in refused.values())
 
 
-@pytest.mark.parametrize("model_type, kind", [("qwen3_vl_moe", "not a causal LM"),
-                                              ("switch_transformers", "an encoder-decoder model")])
+@pytest.mark.parametrize("model_type, kind", [("qwen3_omni_moe", "not a causal LM"),
+                                              ("switch_transformers", "an encoder-decoder model"),
+                                              ("diffusion_gemma", "a block-diffusion model")])
 def test_checkpoints_without_a_causal_lm_are_refused_in_one_line(model_type, kind, tmp_path):
     from transformers import AutoConfig
 
@@ -219,3 +221,31 @@ def test_zero_weight_picks_are_no_expert_tokens():
     assert torch.equal(stats.layers[layer.layer].tensors["count"], by_hand)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference)
+
+
+def test_image_text_to_text_moe_prunes_its_text_model_through_the_cli(tmp_path):
+    """Qwen3-VL-MoE has no causal-LM class: it loads, prunes (text experts; the vision tower copied),
+    streams bit-equal and reloads as the same image-text-to-text class with stock transformers."""
+    import transformers
+    from click.testing import CliRunner
+
+    from moeprune.cli import main
+    from moeprune.io.safetensors_io import read_checkpoint_tensors
+    from moeprune.testing.family_survey import causal_lm_type, seeded_model, shrunk_config
+    from moeprune.testing.tiny_tokenizer import byte_tokenizer
+
+    _installed("qwen3_vl_moe")
+    model = seeded_model(shrunk_config(causal_lm_type("qwen3_vl_moe")))
+    model.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    byte_tokenizer().save_pretrained(tmp_path / "src")
+    common = [str(tmp_path / "src"), "--ratio", "0.5", "--samples", "4", "--seq-len", "32", "--sparsify", "wanda"]
+    for mode in ("--offload", "--no-offload"):
+        run = CliRunner().invoke(main, ["prune", *common, "-o", str(tmp_path / mode), mode])
+        assert run.exit_code == 0, run.output[-600:]
+    a, b = read_checkpoint_tensors(tmp_path / "--offload"), read_checkpoint_tensors(tmp_path / "--no-offload")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    vision = [k for k in a if "visual" in k]
+    source = read_checkpoint_tensors(tmp_path / "src")
+    assert vision and all(torch.equal(a[k], source[k]) for k in vision)
+    reloaded = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "--offload")
+    assert type(reloaded).__name__ == type(model).__name__ and reloaded.config.text_config.num_experts == 4

@@ -233,8 +233,20 @@ def _shim_longcat(block: nn.Module) -> None:
     block.__class__ = _subclass(type(block), {})  # marks the block shimmed (install_shims is idempotent)
 
 
+def _shim_step3p7(block: nn.Module) -> None:
+    """Step3p7's experts hold the v5 tensors (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`) without
+    the decorator's flags: give them the flags; its own loop forward and clamped `_apply_gate` stay."""
+    experts = block.experts
+    experts.__class__ = _subclass(type(experts), {
+        "has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+        "has_post_expert_norm": False, "_is_expert_parallel": False,
+    })
+    block.__class__ = _subclass(type(block), {})
+
+
 SHIMS: dict[str, Callable[[nn.Module], None]] = {"Llama4TextMoe": _shim_llama4, "DbrxFFN": _shim_dbrx,
-                                                 "JetMoeMoE": _shim_jetmoe, "LongcatFlashMoE": _shim_longcat}
+                                                 "JetMoeMoE": _shim_jetmoe, "LongcatFlashMoE": _shim_longcat,
+                                                 "Step3p7SparseMoeBlock": _shim_step3p7}
 STOCK_KEYS_DIFFER = ("DbrxExperts", "JetMoeMoE")  # shimmed modules whose parameters are not the checkpoint's tensors
 # For those: {checkpoint name under the module: the parameter it feeds}, and the conversion, which the
 # streamed reader (`io.lazy_reader.KeyMap`) applies to the tensors of one parameter at a time.

@@ -112,7 +112,9 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype | None = "auto", **kw
     `device_map="auto"` spreads the model over the visible GPUs: stock checkpoints through
     `from_pretrained(device_map=...)`, the others (non-uniform, novices, dynamic skipping) are
     built on the CPU and then dispatched (`_dispatch`), so their extensions are in place first."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from moeprune.io.auto_class import auto_model_class
 
     from moeprune.io.loading import resolve_dtype, trust_remote_code
 
@@ -135,7 +137,7 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype | None = "auto", **kw
             # novice layers keep E router rows for P experts: stock loading refuses them on purpose;
             # the mismatched routers are replaced by `restore_novices` below
             kwargs.setdefault("ignore_mismatched_sizes", True)
-            model = _quietly(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs))
+            model = _quietly(lambda: auto_model_class(config).from_pretrained(path, dtype=dtype, **kwargs))
         else:
             model = None
             if "device_map" not in kwargs and not kwargs["trust_remote_code"] and set(kwargs) == {"trust_remote_code"}:
@@ -143,7 +145,7 @@ def load_pruned(path: str | Path, dtype: str | torch.dtype | None = "auto", **kw
 
                 model = load_lazily(path, dtype)  # the weights resident, not the mapped shards too
             if model is None:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+                model = auto_model_class(config).from_pretrained(path, dtype=dtype, **kwargs)
     _restore_extensions(model, path)
     if device_map is not None:
         _dispatch(model)

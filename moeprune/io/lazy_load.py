@@ -30,14 +30,16 @@ def build_skeleton(path: str | Path, dtype: torch.dtype = torch.float32, remote_
     """The model of checkpoint `path` with every parameter on the meta device (`remote_code`:
     run the checkpoint's own code; None: the process-wide `loading.trust_remote_code()`)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from moeprune.io.auto_class import auto_model_class
 
     from moeprune.io.loading import trust_remote_code
 
     remote = trust_remote_code() if remote_code is None else remote_code  # never a y/N prompt
     config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote)
+        model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=remote)
     return model.eval()
 
 

@@ -125,15 +125,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, path: str | Path | None = Non
 def check_causal_lm(config: Any, path: str | Path) -> None:
     """One line when transformers has no causal-LM class for the checkpoint's model type (a
     multimodal model such as qwen3_vl_moe, an encoder-decoder such as switch_transformers):
-    moeprune loads causal LMs only. Remote-code configs that map AutoModelForCausalLM pass."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    moeprune loads causal LMs, and multimodal models with an image-text-to-text class (their text
+    model pruned). Remote-code configs that map AutoModelForCausalLM pass."""
+    from moeprune.io.auto_class import NOT_AUTOREGRESSIVE, loads_as_text_model
 
     model_type = getattr(config, "model_type", None)
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+    if loads_as_text_model(config):
         return
     kind = "an encoder-decoder model" if getattr(config, "is_encoder_decoder", False) else "not a causal LM"
+    kind = NOT_AUTOREGRESSIVE.get(model_type, kind)
     raise ValueError(f"{path}: {model_type} is {kind} (transformers has no causal-LM class for it); moeprune "
-                     "prunes decoder-only causal LMs; multimodal and encoder-decoder MoE models are not supported yet")
+                     "prunes decoder-only causal LMs (and image-text-to-text models); this kind is not supported yet")
 
 
 def check_local_checkpoint(path: Path) -> None:
@@ -191,7 +193,12 @@ def load_model(
         raise FileNotFoundError(f"model path {path} does not exist; give an existing checkpoint directory")
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype) if dtype != "auto" else "auto",
+            from transformers import AutoConfig
+
+            from moeprune.io.auto_class import auto_model_class
+
+            cls = auto_model_class(AutoConfig.from_pretrained(path, trust_remote_code=remote))
+            model = cls.from_pretrained(path, dtype=resolve_dtype(dtype) if dtype != "auto" else "auto",
                                                          trust_remote_code=remote, **spread).eval()
         except OSError as err:
             raise FileNotFoundError(f"{path} is neither a local directory nor a reachable hub model ({str(err).splitlines()[0]})") from err

@@ -141,7 +141,7 @@ def _stock_compatible(model: nn.Module, key: str, width: int) -> bool:
     import copy
 
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from moeprune.io.auto_class import auto_model_class
 
     if getattr(model.config, "moeprune_experts_per_layer", None):
         return False  # expert counts differ by layer: load_pruned builds it, so keep the key and use the table
@@ -152,7 +152,7 @@ def _stock_compatible(model: nn.Module, key: str, width: int) -> bool:
         setattr(config, key, width)
     try:
         with init_empty_weights():
-            fresh = AutoModelForCausalLM.from_config(config)
+            fresh = auto_model_class(config).from_config(config)
     except Exception:  # noqa: BLE001 - a config the auto classes cannot build: use moeprune's loader
         return False
     have = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}

@@ -54,9 +54,13 @@ SMALL_SIZES: dict[str, object] = {
     "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 272, "attn_layer_period": 2,
     "attn_layer_offset": 1, "expert_layer_period": 1, "expert_layer_offset": 0, "ngram_vocab_size_base": 64,
 }
+VISION_SIZES: dict[str, object] = {
+    "depth": 1, "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 48, "num_heads": 4,
+    "num_attention_heads": 4, "out_hidden_size": 32, "deepstack_visual_indexes": [0], "num_position_embeddings": 64,
+}
 # sizes set even where the default is None (the family then builds with experts)
 FORCED = ("n_routed_experts", "num_experts", "num_experts_per_tok", "n_shared_experts", "top_k_experts",
-          "moe_intermediate_size", "head_dim", "indexer_n_heads", "indexer_kv_heads", "indexer_head_dim")
+          "moe_intermediate_size", "head_dim", "sliding_window", "indexer_n_heads", "indexer_kv_heads", "indexer_head_dim")
 # model_type -> fields a family needs beyond the sizes
 FAMILY_FIELDS: dict[str, dict[str, object]] = {
     "gemma4": {"enable_moe_block": True}, "doge": {"is_moe": True}, "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
@@ -94,9 +98,15 @@ def causal_lm_type(family: str) -> str | None:
     """The model_type of `family`'s causal LM (its text model for multimodal families), if any."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as names
 
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as multimodal
+
     for candidate in (f"{family}_text", family):  # the text model of a multimodal family first
         if candidate in names:
             return candidate
+    from moeprune.io.auto_class import NOT_AUTOREGRESSIVE
+
+    if family in multimodal and family not in NOT_AUTOREGRESSIVE:
+        return family  # the image-text-to-text model, its text model pruned
     return None
 
 
@@ -110,9 +120,13 @@ def shrunk_config(model_type: str) -> transformers.PretrainedConfig:
         return tiny_config(model_type)
     cls = transformers.AutoConfig.for_model(model_type).__class__
     values = _shrunk_values(cls().to_dict(), model_type)
-    text = cls().to_dict().get("text_config")
+    defaults = cls().to_dict()
+    text = defaults.get("text_config")
     if isinstance(text, dict):  # a multimodal family's causal LM: shrink its text model too
         values["text_config"] = _shrunk_values(text, model_type)
+    vision = defaults.get("vision_config")
+    if isinstance(vision, dict):  # an image-text-to-text model: a one-block vision tower
+        values["vision_config"] = {k: v for k, v in VISION_SIZES.items() if k in vision}
     return cls(**values)
 
 
@@ -146,13 +160,14 @@ def seeded_model(config: transformers.PretrainedConfig, seed: int = 0) -> nn.Mod
     """A float32 causal LM of `config` with seeded weights and decisive (scaled-up) routers."""
     from moeprune.adapters import find_moe_layers
     from moeprune.adapters.layout import SELECTION_BIAS_NAMES
+    from moeprune.io.auto_class import auto_model_class
 
     with torch.device("meta"):
-        size = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
+        size = sum(p.numel() for p in auto_model_class(config).from_config(config).parameters())
     if size > MAX_PARAMS:
         raise ValueError(f"the shrunk config still has {size / 1e6:.0f}M parameters (a size this survey does not shrink)")
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = auto_model_class(config).from_config(config, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -195,6 +210,8 @@ def check_family(family: str, workdir: Path, streamed: bool = True, strategy: st
         return FamilyResult(family, "no-causal-lm", "no causal-LM class in transformers' auto mapping")
     try:
         model = seeded_model(shrunk_config(model_type))
+        with torch.no_grad():  # the tiny config must run as it is, before moeprune touches it
+            model(torch.randint(0, 256, (1, 6)))
     except Exception as exc:  # noqa: BLE001 - the survey reports whatever stops a family
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
         return FamilyResult(family, "no-tiny-model", f"{type(exc).__name__}: {' / '.join(lines)[:240]}")
@@ -226,6 +243,7 @@ def _run_checks(original: nn.Module, root: Path, result: FamilyResult, streamed:
     from moeprune.adapters.shims import expert_count_shared
     from moeprune.evaluation.routing_mask import mask_experts
     from moeprune.io.checkpoint import load_pruned
+    from moeprune.io.auto_class import auto_model_class
     from moeprune.io.loading import load_model
     from moeprune.strategies import get_strategy
     from moeprune.testing.tiny_models import random_batch
@@ -267,7 +285,7 @@ def _run_checks(original: nn.Module, root: Path, result: FamilyResult, streamed:
     if expert_count_shared(model.config) or non_uniform or any(lp.novices for lp in p.layers.values()):
         reloaded = load_pruned(out, dtype="auto")  # moeprune's extensions (stock loading refuses them)
     else:
-        reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+        reloaded = auto_model_class(reloaded_config(out)).from_pretrained(out, dtype="auto").eval()
     gap = (_logits(reloaded, ids) - pruned).abs().max().item()
     result.checks["reload"] = "equal" if gap <= (1e-5 if dtype == torch.float32 else 1e-2) else f"DIFFERS by {gap:.3g}"
     result.checks["dtypes"] = _dtype_check(src, out)
@@ -282,6 +300,10 @@ def _run_checks(original: nn.Module, root: Path, result: FamilyResult, streamed:
             if "\n" in str(exc):
                 raise
             result.checks["streamed"] = f"refused: {exc}"
+
+
+def reloaded_config(path: Path):
+    return transformers.AutoConfig.from_pretrained(path)
 
 
 def _as_stock_checkpoint(model: nn.Module, dtype: torch.dtype) -> nn.Module:
