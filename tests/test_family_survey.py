@@ -20,7 +20,7 @@ EXPECTED_OK = {
     "inkling2_loop", "jamba", "jetmoe", "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2_moe", "llama4",
     "longcat_flash", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "minimax_m3_vl", "mixtral", "nemotron_h",
     "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_moe", "qwen3_next", "qwen4_exp", "solar_open", "zaya",
-    "qwen3_vl_moe", "mistral_large4", "step3p7",  # image-text-to-text models: their text model pruned
+    "qwen3_vl_moe", "mistral_large4", "step3p7", "mistral4", "glm4v_moe", "hy_v4_vl",  # image-text-to-text
 }
 
 

@@ -65,7 +65,10 @@ FORCED = ("n_routed_experts", "num_experts", "num_experts_per_tok", "n_shared_ex
 FAMILY_FIELDS: dict[str, dict[str, object]] = {
     "gemma4": {"enable_moe_block": True}, "doge": {"is_moe": True}, "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
     "granitemoehybrid": {"mamba_n_heads": 8, "layer_types": ["linear_attention", "full_attention"]},
-    "dots3_note": {"head_dim": 16}, "zaya": {"num_experts_per_tok": 1},
+    "dots3_note": {"head_dim": 16}, "mistral4": {"head_dim": 16},
+    "glm4v_moe": {"rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.5, "rope_type": "default",
+                                      "mrope_section": [1, 0, 1]}},
+    "hy_v4_vl": {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default", "mrope_section": [2, 1, 1]}}, "zaya": {"num_experts_per_tok": 1},
     "qwen4_exp": {"indexer_budget": 8, "indexer_compress_ratio": 2},
 }
 MAX_PARAMS = 20_000_000
@@ -124,9 +127,9 @@ def shrunk_config(model_type: str) -> transformers.PretrainedConfig:
     text = defaults.get("text_config")
     if isinstance(text, dict):  # a multimodal family's causal LM: shrink its text model too
         values["text_config"] = _shrunk_values(text, model_type)
-    vision = defaults.get("vision_config")
-    if isinstance(vision, dict):  # an image-text-to-text model: a one-block vision tower
-        values["vision_config"] = {k: v for k, v in VISION_SIZES.items() if k in vision}
+    for key in ("vision_config", "audio_config"):  # an image-text-to-text model: one-block encoders
+        if isinstance(defaults.get(key), dict):
+            values[key] = {k: v for k, v in VISION_SIZES.items() if k in defaults[key]}
     return cls(**values)
 
 
