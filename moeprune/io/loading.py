@@ -176,7 +176,7 @@ def load_model(
     process-wide setting (`set_trust_remote_code`, off by default). `device="auto"` with two or
     more visible GPUs loads the model spread over them (`devices.device_map_for`); otherwise the
     model loads on the CPU and the caller moves it (`devices.move_model`, a no-op when spread)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from moeprune.devices import device_map_for
     from moeprune.io.checkpoint import load_pruned
@@ -197,9 +197,10 @@ def load_model(
 
             from moeprune.io.auto_class import auto_model_class
 
-            cls = auto_model_class(AutoConfig.from_pretrained(path, trust_remote_code=remote))
-            model = cls.from_pretrained(path, dtype=resolve_dtype(dtype) if dtype != "auto" else "auto",
-                                                         trust_remote_code=remote, **spread).eval()
+            config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+            check_causal_lm(config, path)
+            model = auto_model_class(config).from_pretrained(
+                path, dtype=resolve_dtype(dtype) if dtype != "auto" else "auto", trust_remote_code=remote, **spread).eval()
         except OSError as err:
             raise FileNotFoundError(f"{path} is neither a local directory nor a reachable hub model ({str(err).splitlines()[0]})") from err
     try:
