@@ -53,7 +53,7 @@ class MoELayer:
     @property
     def block_is_decoder_layer(self) -> bool:
         """The experts and router sit directly in the decoder layer (Gemma-4): no MoE block module."""
-        return self.block_name.rsplit(".", 1)[-1].isdigit()
+        return is_list_item(self.block_name)
 
     def refuse_block_output(self, what: str) -> None:
         """One-line ValueError for a pass that needs the MoE block's own output."""
@@ -64,6 +64,11 @@ class MoELayer:
     @property
     def experts_name(self) -> str:
         return f"{self.block_name}.experts" if self.block_name else "experts"
+
+
+def is_list_item(module_name: str) -> bool:
+    """Whether `module_name` names an item of a module list (`...layers.3`): a decoder layer."""
+    return module_name.rsplit(".", 1)[-1].isdigit()
 
 
 def _is_fused_experts(module: nn.Module) -> bool:

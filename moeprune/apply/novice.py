@@ -113,8 +113,8 @@ def _novice_layers(model: nn.Module) -> dict[int, MoELayer]:
     return {int(i): layers[int(i)] for i in entries}
 
 
-def _full_width(layer: MoELayer, num_experts: int) -> list[tuple[str, nn.Module, str, torch.Tensor]]:
-    """(kind, owner module, attribute, tensor) of every per-expert routing tensor the novice layer keeps
+def _full_width(layer: MoELayer, num_experts: int) -> list[tuple[str, str, torch.Tensor]]:
+    """(kind, name under the router or block, tensor) of every per-expert routing tensor the novice layer keeps
     at full width: router tensors with E rows (or E + the rows after the routed experts': Inkling,
     ZAYA) or 1 x E, and the block's own E-row tensors (AFMoE's expert_bias)."""
     from moeprune.adapters.layout import router_extra_rows
@@ -124,10 +124,10 @@ def _full_width(layer: MoELayer, num_experts: int) -> list[tuple[str, nn.Module,
     for module_name, module in layer.router.named_modules():
         for attr, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if t.dim() >= 1 and (t.shape[0] in widths or (t.dim() == 2 and t.shape[0] == 1 and t.shape[1] == num_experts)):
-                found.append(("router", module, f"{module_name}.{attr}" if module_name else attr, t))
+                found.append(("router", f"{module_name}.{attr}" if module_name else attr, t))
     for attr, t in [*layer.block.named_parameters(recurse=False), *layer.block.named_buffers(recurse=False)]:
         if t.dim() >= 1 and t.shape[0] == num_experts:
-            found.append(("block", layer.block, attr, t))
+            found.append(("block", attr, t))
     return found
 
 
@@ -136,7 +136,7 @@ def novice_tensors(layer: MoELayer, num_experts: int) -> dict[str, torch.Tensor]
     index = layer.layer
     tensors = {f"layer.{index}.expert_map": getattr(layer.experts, MAP_BUFFER).cpu(),
                f"layer.{index}.novice_vectors": getattr(layer.experts, VECTOR_BUFFER).cpu()}
-    for kind, _, name, t in _full_width(layer, num_experts):
+    for kind, name, t in _full_width(layer, num_experts):
         tensors[f"layer.{index}.{kind}.{name}"] = t.detach().cpu()
     return tensors
 

@@ -98,7 +98,7 @@ class _Job:
     def selection(self, keys: list[str], layer: MoELayer, lp: LayerPlan) -> bool:
         """Selection route; False (nothing written) when a per-expert tensor's layout is not recognised
         or the router has rows after the routed experts' (LongCat, Inkling: not E-row tensors)."""
-        if layer.routing.identity_experts or router_extra_rows(layer.router, layer.num_experts):
+        if router_extra_rows(layer.router, layer.num_experts):  # LongCat's identity experts included
             return False
         sliceable = _per_expert_tensors(self.model, layer)
         actions: list[tuple[str, str, Any]] = []  # (disk key, output key, rows or None)

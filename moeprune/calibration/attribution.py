@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moeprune.adapters.discovery import is_list_item
+
 
 def _first(output: object) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
@@ -66,6 +68,6 @@ def decoder_layer_of(model: nn.Module, block_name: str) -> nn.Module | None:
     block itself where it is the decoder layer (an item of a module list: Gemma-4)."""
     if "." not in block_name:
         return None
-    if block_name.rsplit(".", 1)[-1].isdigit():
+    if is_list_item(block_name):
         return model.get_submodule(block_name)
     return model.get_submodule(block_name.rsplit(".", 1)[0])

@@ -15,9 +15,10 @@ from typing import Any
 NOT_AUTOREGRESSIVE = {"diffusion_gemma": "a block-diffusion model (its forward samples noise)"}
 
 
-def auto_model_class(config: Any) -> type:
-    """`AutoModelForCausalLM`, or `AutoModelForImageTextToText` for a model type that has no causal LM
-    but an image-text-to-text model."""
+def text_model_class(config: Any) -> type | None:
+    """The auto class that loads `config` as a model taking token ids: `AutoModelForCausalLM`, or
+    `AutoModelForImageTextToText` for a model type with no causal LM but an image-text-to-text
+    model; None when there is neither (or it is no autoregressive LM: `NOT_AUTOREGRESSIVE`)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
@@ -25,18 +26,13 @@ def auto_model_class(config: Any) -> type:
     model_type = getattr(config, "model_type", None)
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
         return AutoModelForCausalLM
-    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in NOT_AUTOREGRESSIVE:
         return AutoModelForImageTextToText
-    return AutoModelForCausalLM
+    return None
 
 
-def loads_as_text_model(config: Any) -> bool:
-    """Whether `auto_model_class` has a class for `config` that takes token ids (causal or multimodal)."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+def auto_model_class(config: Any) -> type:
+    """`text_model_class`, defaulting to `AutoModelForCausalLM` (whose own error then says why)."""
+    from transformers import AutoModelForCausalLM
 
-    model_type = getattr(config, "model_type", None)
-    if model_type in NOT_AUTOREGRESSIVE:
-        return False
-    return (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-            or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}))
+    return text_model_class(config) or AutoModelForCausalLM

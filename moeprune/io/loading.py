@@ -127,10 +127,10 @@ def check_causal_lm(config: Any, path: str | Path) -> None:
     multimodal model such as qwen3_vl_moe, an encoder-decoder such as switch_transformers):
     moeprune loads causal LMs, and multimodal models with an image-text-to-text class (their text
     model pruned). Remote-code configs that map AutoModelForCausalLM pass."""
-    from moeprune.io.auto_class import NOT_AUTOREGRESSIVE, loads_as_text_model
+    from moeprune.io.auto_class import NOT_AUTOREGRESSIVE, text_model_class
 
     model_type = getattr(config, "model_type", None)
-    if loads_as_text_model(config):
+    if text_model_class(config) is not None:
         return
     kind = "an encoder-decoder model" if getattr(config, "is_encoder_decoder", False) else "not a causal LM"
     kind = NOT_AUTOREGRESSIVE.get(model_type, kind)

@@ -42,9 +42,9 @@ def streamed_pattern_plan(path: str | Path, tokenizer: Any, patterns: dict[str, 
         prefix, _ = decoder_layers(model)
         block = find_moe_layers(model)[0].block_name
         first = int(re.match(rf"^{re.escape(prefix)}\.(\d+)(\.|$)", block).group(1))  # decoder index of the first MoE layer
-        names = materialise_prelude(model, keymap, ckpt, prefix, device, dtype)
-        names += [n for i in range(first + 1) for n in materialise(model, keymap, ckpt, f"{prefix}.{i}", dtype)]
-        to_device(model, names, device)
+        layer_names = [n for i in range(first + 1) for n in materialise(model, keymap, ckpt, f"{prefix}.{i}", dtype)]
+        to_device(model, layer_names, device)
+        names = materialise_prelude(model, keymap, ckpt, prefix, device, dtype) + layer_names
         try:
             result = retrieve_plan(model, tokenizer, patterns, query, ratio)[0]
         finally:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from moeprune.adapters import MoELayer, find_moe_layers
-from moeprune.adapters.layout import router_extra_rows
+from moeprune.adapters.layout import router_scoring_weights
 from moeprune.calibration.stats import LayerStats
 from moeprune.plan import PlanError
 
@@ -92,10 +92,8 @@ def expert_weight_matrix(layer: MoELayer) -> torch.Tensor:
 
 def router_weight(layer: MoELayer) -> torch.Tensor:
     """The router's [E, H] weight rows of the routed experts (its own `weight`, or a submodule's:
-    LongCat's `classifier`; rows after the routed experts', `router_extra_rows`, are left out)."""
-    rows = layer.num_experts + router_extra_rows(layer.router, layer.num_experts)
-    for module in layer.router.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == rows:
-            return weight.detach()[: layer.num_experts].cpu()
+    LongCat's `classifier`: `router_scoring_weights`; rows after the routed experts' are left out)."""
+    weights = router_scoring_weights(layer.router, layer.num_experts)
+    if weights:
+        return weights[0].detach()[: layer.num_experts].cpu()
     raise PlanError(f"layer {layer.layer}: router has no 2-D weight to compare experts by")

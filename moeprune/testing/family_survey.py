@@ -288,7 +288,7 @@ def _run_checks(original: nn.Module, root: Path, result: FamilyResult, streamed:
     if expert_count_shared(model.config) or non_uniform or any(lp.novices for lp in p.layers.values()):
         reloaded = load_pruned(out, dtype="auto")  # moeprune's extensions (stock loading refuses them)
     else:
-        reloaded = auto_model_class(reloaded_config(out)).from_pretrained(out, dtype="auto").eval()
+        reloaded = auto_model_class(transformers.AutoConfig.from_pretrained(out)).from_pretrained(out, dtype="auto").eval()
     gap = (_logits(reloaded, ids) - pruned).abs().max().item()
     result.checks["reload"] = "equal" if gap <= (1e-5 if dtype == torch.float32 else 1e-2) else f"DIFFERS by {gap:.3g}"
     result.checks["dtypes"] = _dtype_check(src, out)
@@ -303,10 +303,6 @@ def _run_checks(original: nn.Module, root: Path, result: FamilyResult, streamed:
             if "\n" in str(exc):
                 raise
             result.checks["streamed"] = f"refused: {exc}"
-
-
-def reloaded_config(path: Path):
-    return transformers.AutoConfig.from_pretrained(path)
 
 
 def _as_stock_checkpoint(model: nn.Module, dtype: torch.dtype) -> nn.Module:
