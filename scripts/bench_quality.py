@@ -79,6 +79,8 @@ RECIPE_ROWS: list[dict[str, Any]] = [
      "router_kd": {**KD, "steps": 300, "lr": 3e-4, "source": "builtin:broad-mixed"}},
     {"name": "mone + router-kd, 1000 steps, lr 3e-4 on broad text", "strategy": "mone", "ratio": 0.5,
      "router_kd": {**KD, "steps": 1000, "lr": 3e-4, "source": "builtin:broad-mixed"}},
+    {"name": "mone + router-kd, 1000 steps, 512 samples, lr 3e-4 on broad text", "strategy": "mone", "ratio": 0.5,
+     "router_kd": {**KD, "steps": 1000, "lr": 3e-4, "samples": 512, "source": "builtin:broad-mixed"}},
     {"name": "mone + router-kd, 30 steps", "strategy": "mone", "ratio": 0.5, "router_kd": {**KD, "steps": 30}},
     {"name": "reap + sparsegpt 50%", "strategy": "reap", "ratio": 0.5,
      "sparsify": {"method": "sparsegpt", "sparsity": 0.5}},

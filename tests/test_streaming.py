@@ -79,6 +79,23 @@ def test_activation_store_spills_beyond_budget(tmp_path):
     assert torch.equal(store.get(1), big) and store.spilled == 1
 
 
+def test_activation_store_keeps_carried_state_pairs_in_memory_and_on_disk(tmp_path):
+    """A (hidden, carried) pair (ZAYA's router state) counts both tensors against the budget and
+    comes back as the same pair, dtypes kept, from memory, a spill and a persisted directory."""
+    store = ActivationStore(tmp_path, budget=100 * 4 + 30 * 2)
+    pair = (torch.arange(100.0), torch.arange(30.0).to(torch.bfloat16))
+    store.put(0, pair)
+    store.put(1, (pair[0] + 1, pair[1] + 1))  # over the budget: spilled
+    store.put(2, torch.arange(5.0))
+    assert store.items[0] is pair and store.items[1] == "batch_00001.safetensors" and store.spilled == 2
+    spilled = store.get(1)
+    assert isinstance(spilled, tuple) and torch.equal(spilled[0], pair[0] + 1) and spilled[1].dtype == torch.bfloat16
+    assert torch.equal(spilled[1], pair[1] + 1) and torch.equal(store.get(2), torch.arange(5.0))
+    store.persist()
+    again = ActivationStore.from_directory(tmp_path, 3, budget=0)
+    assert all(torch.equal(a, b) for a, b in zip(again.get(0), pair)) and torch.equal(again.get(2), torch.arange(5.0))
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 @pytest.mark.parametrize("budget", ["layer", "global"])
 @pytest.mark.parametrize("selection_route", [True, False])

@@ -33,7 +33,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from moeprune.adapters import MoELayer, find_moe_layers
+from moeprune.adapters import MoELayer
+from moeprune.adapters.carried_state import refuse_block_fits
 from moeprune.apply.surgery import _prepare_layer, slice_layer
 from moeprune.calibration.observer import Observer
 from moeprune.calibration.stats import ExpertStats
@@ -177,8 +178,7 @@ class LayerPasses(OutputEdits):
         self.ckpt = LazyCheckpoint(path)
         skeleton = build_skeleton(path, self.dtype)
         if kd is not None:
-            for moe in find_moe_layers(skeleton):
-                moe.refuse_block_output("--router-kd-local")
+            refuse_block_fits(skeleton, "--router-kd-local")
         self.layers = frozenset(moe.layer for moe in moe_by_decoder_index(skeleton).values())
         self.chain: _Chain | None = None
         self.dense: _Chain | None = None

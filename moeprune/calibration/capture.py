@@ -80,8 +80,10 @@ def routed_forward(
         mapped = top_k_index.masked_fill(top_k_index >= experts.gate_up_proj.shape[0], -1)
         return _standin_routed_forward(experts, hidden_states, mapped, top_k_weights, sink,
                                        lambda w: w.sum(dim=1, keepdim=True) * hidden_states.to(w.dtype))
-    zero = top_k_weights == 0
-    if bool(zero.any()):  # a pick at weight 0 serves no token (ZAYA's skip class, rewritten as expert 0)
+    # A pick at weight 0 serves no token (ZAYA's skip class, rewritten as expert 0). It adds nothing to
+    # the output, so only a sink needs it left out, and only then is the host sync paid.
+    zero = top_k_weights == 0 if sink is not None else None
+    if zero is not None and bool(zero.any()):
         mapped = top_k_index.masked_fill(zero, -1)
         return _standin_routed_forward(experts, hidden_states, mapped, top_k_weights, sink,
                                        lambda w: torch.zeros_like(hidden_states, dtype=w.dtype))

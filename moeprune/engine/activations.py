@@ -2,7 +2,9 @@
 
 A layer-wise pass keeps every calibration batch's hidden states between layers; for models larger
 than memory they cannot all stay resident, so `ActivationStore` spills the excess to safetensors
-files (`save_activation` / `load_activation`) in a directory its caller owns.
+files (`save_activation` / `load_activation`) in a directory its caller owns. An entry is a tensor
+or, for families whose layers carry more state (`engine.runner.CARRIED_STATE`), a (hidden, carried)
+pair, saved side by side in one file.
 """
 
 from __future__ import annotations
@@ -13,12 +15,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def save_activation(path: Path, tensor: torch.Tensor) -> None:
-    save_file({"hidden": tensor.contiguous()}, str(path))
+State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # as engine.runner.LayerState
 
 
-def load_activation(path: Path) -> torch.Tensor:
-    return load_file(str(path))["hidden"]
+def save_activation(path: Path, state: State) -> None:
+    tensors = state if isinstance(state, tuple) else (state,)
+    save_file(dict(zip(("hidden", "carried"), (t.contiguous() for t in tensors))), str(path))
+
+
+def load_activation(path: Path) -> State:
+    tensors = load_file(str(path))
+    return (tensors["hidden"], tensors["carried"]) if "carried" in tensors else tensors["hidden"]
+
+
+def _bytes(state: State) -> int:
+    return sum(t.numel() * t.element_size() for t in (state if isinstance(state, tuple) else (state,)))
 
 
 class ActivationStore:
@@ -28,21 +39,21 @@ class ActivationStore:
         self.directory = Path(directory)
         self.budget = budget
         self.used = 0
-        self.items: dict[int, torch.Tensor | str] = {}
+        self.items: dict[int, State | str] = {}
         self.spilled = 0
 
-    def put(self, index: int, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+    def put(self, index: int, state: State) -> None:
+        size = _bytes(state)
         if self.used + size <= self.budget:
-            self.items[index] = tensor
+            self.items[index] = state
             self.used += size
         else:
             name = f"batch_{index:05d}.safetensors"
-            save_activation(self.directory / name, tensor)
+            save_activation(self.directory / name, state)
             self.items[index] = name
             self.spilled += 1
 
-    def get(self, index: int) -> torch.Tensor:
+    def get(self, index: int) -> State:
         item = self.items[index]
         return load_activation(self.directory / item) if isinstance(item, str) else item
 

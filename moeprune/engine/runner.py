@@ -18,7 +18,9 @@ is that loop, once:
 
 The in-memory model is the special case where every layer is already resident. Hidden states live
 in a store with `put(b, t)` / `get(b)` (`ListStore` here; `engine.activations.ActivationStore`
-spills to disk). The package is below calibration, plan and apply: it imports only the adapters.
+spills to disk). A family whose layers hand the next one more than the hidden states (ZAYA's router
+state, `adapters.carried_state`) keeps (hidden, carried) pairs there instead. The package is below
+calibration, plan and apply: it imports only the adapters.
 """
 
 from __future__ import annotations
@@ -32,13 +34,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.adapters import find_moe_layers
+from moeprune.adapters.carried_state import CarriedState, carried_state
 from moeprune.adapters.forward_patches import patch_forward
 from moeprune.engine.skeleton import to_host
 
 Batch = dict[str, torch.Tensor]
 Call = tuple[tuple, dict[str, Any]]  # a decoder layer's call arguments besides the hidden states
+LayerState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # hidden states, or (hidden, carried state)
 
-__all__ = ["Batch", "Call", "ListStore", "LayerRunner", "as_batches", "capture_calls", "decoder_layers", "layer_output"]
+__all__ = ["Batch", "Call", "LayerState", "ListStore", "LayerRunner", "as_batches", "capture_calls", "decoder_layers",
+           "hidden_of", "layer_output"]
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -73,19 +78,17 @@ def layer_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-# model_type -> why its decoder layers cannot be run one at a time from cached inputs
-CARRIED_STATE = {"zaya": "ZAYA's decoder layers hand router state to the next layer (prev_router_hidden_states), "
-                         "which the layer-by-layer runner does not carry; run it in memory without --offload "
-                         "and without layer-wise passes (sparsify, --router-kd-local)"}
+def hidden_of(state: LayerState) -> torch.Tensor:
+    """The hidden states of a stored layer state (a tensor, or (hidden, carried))."""
+    return state[0] if isinstance(state, tuple) else state
 
 
-def refuse_carried_state(model: nn.Module) -> None:
-    """One-line ValueError for a family whose layers pass state besides the hidden states."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    reason = CARRIED_STATE.get(getattr(text, "model_type", None)) or CARRIED_STATE.get(getattr(config, "model_type", None))
-    if reason is not None:
-        raise ValueError(reason)
+def _next_state(out: Any, args: tuple) -> Any:
+    """What a layer hands the next one: its hidden states, plus the carried output where its call
+    has a `CarriedState` argument."""
+    spec = next((a for a in args if isinstance(a, CarriedState)), None)
+    hidden = layer_output(out)
+    return hidden if spec is None else (hidden, out[spec.output])
 
 
 class _Captured(Exception):
@@ -94,8 +97,11 @@ class _Captured(Exception):
 
 @torch.no_grad()
 def capture_calls(model: nn.Module, layers: nn.ModuleList, batch: Batch, device: torch.device | str) -> tuple[torch.Tensor, list[Call]]:
-    """(first layer's input hidden states, every layer's other call arguments) for one batch."""
-    refuse_carried_state(model)
+    """(first layer's input hidden states, every layer's other call arguments) for one batch.
+
+    A family's carried argument (`adapters.carried_state.CARRIED_STATE`) is recorded as its `CarriedState`, and the
+    recorder hands the model's loop a tuple with the carried input at the carried output's place."""
+    carried = carried_state(model)
     calls: list[Call] = []
     first: list[torch.Tensor] = []
 
@@ -104,10 +110,19 @@ def capture_calls(model: nn.Module, layers: nn.ModuleList, batch: Batch, device:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if index == 0:
                 first.append(hidden)
-            calls.append((tuple(args[1:]), kwargs))
+            rest = list(args[1:])
+            if carried is None:
+                calls.append((tuple(rest), kwargs))
+            elif carried.argument >= len(rest):
+                raise RuntimeError(f"decoder layer {index} got no positional argument {carried.argument + 1} to carry state in")
+            else:
+                passed, rest[carried.argument] = rest[carried.argument], carried
+                calls.append((tuple(rest), kwargs))
             if index == len(layers) - 1:
                 raise _Captured
-            return hidden
+            if carried is None:
+                return hidden
+            return (hidden, *([None] * (carried.output - 1)), passed)
 
         return forward
 
@@ -126,21 +141,21 @@ def capture_calls(model: nn.Module, layers: nn.ModuleList, batch: Batch, device:
 
 
 class Store(Protocol):
-    def put(self, index: int, tensor: torch.Tensor) -> None: ...
+    def put(self, index: int, state: LayerState) -> None: ...
 
-    def get(self, index: int) -> torch.Tensor: ...
+    def get(self, index: int) -> LayerState: ...
 
 
 class ListStore:
-    """Hidden states of every batch, in memory, where they were computed."""
+    """Layer states of every batch, in memory, where they were computed."""
 
-    def __init__(self, items: Iterable[torch.Tensor] = ()) -> None:
-        self.items: dict[int, torch.Tensor] = dict(enumerate(items))
+    def __init__(self, items: Iterable[LayerState] = ()) -> None:
+        self.items: dict[int, LayerState] = dict(enumerate(items))
 
-    def put(self, index: int, tensor: torch.Tensor) -> None:
-        self.items[index] = tensor
+    def put(self, index: int, state: LayerState) -> None:
+        self.items[index] = state
 
-    def get(self, index: int) -> torch.Tensor:
+    def get(self, index: int) -> LayerState:
         return self.items[index]
 
 
@@ -172,9 +187,15 @@ class LayerRunner:
             if self.before_batch is not None:
                 self.before_batch(b)
             args, kwargs = batch_calls[index]
-            out = layer_output(layer(inputs.get(b).to(self.device), *args, **kwargs))
+            state = inputs.get(b)
+            if isinstance(state, tuple):  # the carried state goes where the captured call marks it
+                args = tuple(state[1].to(self.device) if isinstance(a, CarriedState) else a for a in args)
+            else:
+                args = tuple(None if isinstance(a, CarriedState) else a for a in args)
+            out = _next_state(layer(hidden_of(state).to(self.device), *args, **kwargs), batch_calls[index][0])
             if outputs is not None:
-                outputs.put(b, to_host(out) if self.host else out)
+                outputs.put(b, (tuple(to_host(t) for t in out) if isinstance(out, tuple) else to_host(out))
+                            if self.host else out)
         self.seconds["forward"] += time.perf_counter() - tick
 
     @torch.no_grad()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeprune.apply.dynamic_skip import restore_dynamic_skip
+from moeprune.engine.runner import hidden_of
 from moeprune.engine.skeleton import module_name
 from moeprune.io.checkpoint import pruned_skeleton
 from moeprune.engine.streamed_forward import StreamedForward
@@ -47,6 +48,16 @@ def _final_norm(model: nn.Module) -> nn.Module:
     if not isinstance(norm, nn.Module):
         raise ValueError(f"{type(model).__name__}: no final norm found for streamed evaluation")
     return norm
+
+
+def _norm_input(hidden: torch.Tensor, norm: nn.Module, device: torch.device) -> torch.Tensor:
+    """The last layer's hidden states as the final norm takes them: a float32 residual stream (ZAYA's)
+    cast to the norm's lower-precision weight dtype, as the model's own forward does; else as they are."""
+    weight = getattr(norm, "weight", None)
+    hidden = hidden.to(device)
+    if hidden.dtype == torch.float32 and isinstance(weight, torch.Tensor) and weight.dtype in (torch.bfloat16, torch.float16):
+        return hidden.to(weight.dtype)
+    return hidden
 
 
 @torch.no_grad()
@@ -73,7 +84,7 @@ def streamed_nll(
         total, count = 0.0, 0
         for b, window in enumerate(windows):
             batch = window["input_ids"]
-            logits = model.get_output_embeddings()(norm(final.get(b).to(device))).float()[:, :-1]
+            logits = model.get_output_embeddings()(norm(_norm_input(hidden_of(final.get(b)), norm, device))).float()[:, :-1]
             targets = batch[:, 1:].to(logits.device)
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
             count += batch.shape[0] * (batch.shape[1] - 1)

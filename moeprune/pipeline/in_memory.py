@@ -59,6 +59,10 @@ def prune_in_memory(
     spec = None if recipe.strategy == AUTO else get_strategy(recipe.strategy)
     cal = recipe.calibration
     check_seq_len(model.config, cal.seq_len)
+    if recipe.router_kd is not None and recipe.router_kd.local:  # before any calibration
+        from moeprune.adapters.carried_state import refuse_block_fits
+
+        refuse_block_fits(model, "--router-kd-local")
     excluded = check_weights(model, allow=recipe.allow_nonfinite)
     fingerprint = model_fingerprint(model)
     calibrating = stats is None and spec is not None and ((spec.needs_calibration and not recipe.patterns) or recipe.slim is not None)

@@ -103,6 +103,11 @@ def prune_offloaded(
 
     device = resolve_device(recipe.device)  # layers are materialised and run there; a missing GPU fails now
     config, dtype, work_dir = _preflight(recipe, path, overwrite, work_dir)  # inputs, output, work dir: before any work
+    if recipe.router_kd is not None and recipe.router_kd.local:  # before any calibration
+        from moeprune.adapters.carried_state import refuse_block_fits
+        from moeprune.io.lazy_load import build_skeleton
+
+        refuse_block_fits(build_skeleton(path, dtype), "--router-kd-local")
     needs_stats = (spec.needs_calibration and not recipe.patterns) or recipe.slim is not None
     tokenizer, ids = None, None
     if needs_stats or recipe.patterns or recipe.dynamic_skip:

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.adapters import find_moe_layers
+from moeprune.adapters.carried_state import refuse_block_fits
 from moeprune.engine.runner import as_batches
 from moeprune.recover.router_params import layer_router_parameters, only_trainable
 
@@ -39,9 +40,8 @@ def capture_block_io(
     progress: bool = True,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """{MoE layer: (inputs [N, H], outputs [N, H])} of every MoE block over the real tokens of `input_ids`."""
+    refuse_block_fits(model, "--router-kd-local")
     layers = find_moe_layers(model)
-    for layer in layers:
-        layer.refuse_block_output("--router-kd-local")
     io: dict[int, tuple[list, list]] = {layer.layer: ([], []) for layer in layers}
     current: dict[str, torch.Tensor | None] = {"keep": None}
 

@@ -99,18 +99,16 @@ def moe_families() -> tuple[str, ...]:
 
 def causal_lm_type(family: str) -> str | None:
     """The model_type of `family`'s causal LM (its text model for multimodal families), if any."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as names
+    from types import SimpleNamespace
 
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as multimodal
+    from transformers import AutoModelForCausalLM
 
-    for candidate in (f"{family}_text", family):  # the text model of a multimodal family first
-        if candidate in names:
-            return candidate
-    from moeprune.io.auto_class import NOT_AUTOREGRESSIVE
+    from moeprune.io.auto_class import text_model_class
 
-    if family in multimodal and family not in NOT_AUTOREGRESSIVE:
-        return family  # the image-text-to-text model, its text model pruned
-    return None
+    text = f"{family}_text"  # a multimodal family's text model first, when it is a causal LM itself
+    if text_model_class(SimpleNamespace(model_type=text)) is AutoModelForCausalLM:
+        return text
+    return family if text_model_class(SimpleNamespace(model_type=family)) is not None else None
 
 
 def shrunk_config(model_type: str) -> transformers.PretrainedConfig:
