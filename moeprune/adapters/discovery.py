@@ -149,6 +149,14 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
             f"{type(model).__name__} has no routed-expert layers (no fused experts module found): "
             "moeprune prunes Mixture-of-Experts models only"
         )
+    by_index: dict[int, list[str]] = {}
+    for layer in layers:
+        by_index.setdefault(layer.layer, []).append(layer.block_name)
+    for index, blocks in by_index.items():
+        if len(blocks) > 1:  # ERNIE-4.5-VL: text and vision experts, one expert count for both
+            raise NotAnMoEModelError(
+                f"{type(model).__name__}: decoder layer {index} holds {len(blocks)} expert sets ({', '.join(blocks)}; "
+                "e.g. modality-isolated text and vision experts sharing one expert count), which moeprune does not prune")
     return sorted(layers, key=lambda layer: layer.layer)
 
 

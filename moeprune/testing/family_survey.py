@@ -53,6 +53,7 @@ SMALL_SIZES: dict[str, object] = {
     "index_topk": 4, "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8, "num_dense_layers": 0,
     "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 272, "attn_layer_period": 2,
     "attn_layer_offset": 1, "expert_layer_period": 1, "expert_layer_offset": 0, "ngram_vocab_size_base": 64,
+    "moe_hidden_size": 32, "projector_hidden_size": 48, "out_hidden_size": 32,
 }
 VISION_SIZES: dict[str, object] = {
     "depth": 1, "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 48, "num_heads": 4,
@@ -70,6 +71,22 @@ FAMILY_FIELDS: dict[str, dict[str, object]] = {
                                       "mrope_section": [1, 0, 1]}},
     "hy_v4_vl": {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default", "mrope_section": [2, 1, 1]}}, "zaya": {"num_experts_per_tok": 1},
     "qwen4_exp": {"indexer_budget": 8, "indexer_compress_ratio": 2},
+    "glm5_next": {"index_kpool": 2, "qk_rope_head_dim": 0},
+    "deepseek_ocr2": {"mlp_layer_types": ["sparse", "sparse"]},
+    "ernie4_5_vl_moe": {"moe_intermediate_size": [24, 16],  # text and vision experts' widths; 3-D RoPE of 8 dims
+                        "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default", "mrope_section": [1, 1, 2]}},  # DSA layers: top-k a multiple of the pool, no RoPE
+}
+# a SAM image encoder (the OCR families' first vision stage), one block
+SAM_SIZES: dict[str, object] = {"hidden_size": 32, "output_channels": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                "global_attn_indexes": [0], "mlp_dim": 48, "downsample_channels": [32, 32], "image_size": 64}
+# model_type -> {encoder config key: fields beyond VISION_SIZES}
+ENCODER_FIELDS: dict[str, dict[str, dict[str, object]]] = {
+    "muse_spark": {"audio_config": {"patch_sizes": [16], "hidden_sizes": [32], "depths": [1]}},
+    "deepseek_ocr2": {"vision_config": {"sam_config": SAM_SIZES, "encoder_config": {  # SAM, then a Qwen2-like encoder
+        "vocab_size": 272, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_window_layers": 1, "layer_types": ["full_attention"]}}},
+    "unlimited_ocr": {"vision_config": {"sam_config": SAM_SIZES, "encoder_config": {  # SAM and a CLIP-like encoder
+        "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4}}},
 }
 MAX_PARAMS = 20_000_000
 LAYER_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type", "hybrid_override_pattern")
@@ -127,7 +144,8 @@ def shrunk_config(model_type: str) -> transformers.PretrainedConfig:
         values["text_config"] = _shrunk_values(text, model_type)
     for key in ("vision_config", "audio_config"):  # an image-text-to-text model: one-block encoders
         if isinstance(defaults.get(key), dict):
-            values[key] = {k: v for k, v in VISION_SIZES.items() if k in defaults[key]}
+            values[key] = {**{k: v for k, v in VISION_SIZES.items() if k in defaults[key]},
+                           **ENCODER_FIELDS.get(model_type, {}).get(key, {})}
     return cls(**values)
 
 
