@@ -138,22 +138,14 @@ def _gemma4_checkpoint(path):
     return model
 
 
-def test_experts_in_the_decoder_layer_stream_sparsify_and_refuse_local_kd(tmp_path):
-    """Gemma-4 keeps router and experts in the decoder layer itself (no MoE block module): the
-    layer-wise passes find their layer, and the block-output fit is refused in one line."""
+def _sparsify_streams_and_local_kd_is_refused(tmp_path, refusal: str) -> None:
+    """The CLI on checkpoint tmp_path/src: --offload with Wanda writes the in-memory tensors, and
+    --router-kd-local fails in one line containing `refusal`, before any calibration, writing nothing."""
     from click.testing import CliRunner
 
-    from moeprune.adapters import find_moe_layers
-    from moeprune.calibration.attribution import decoder_layer_of
     from moeprune.cli import main
     from moeprune.io.safetensors_io import read_checkpoint_tensors
-    from moeprune.sparsify.collect import moe_by_decoder_index
 
-    _installed("gemma4")
-    model = _gemma4_checkpoint(tmp_path / "src")
-    layer = find_moe_layers(model)[0]
-    assert layer.block_is_decoder_layer and decoder_layer_of(model, layer.block_name) is layer.block
-    assert sorted(moe_by_decoder_index(model)) == [0, 1]
     common = [str(tmp_path / "src"), "--ratio", "0.5", "--samples", "4", "--seq-len", "32"]
     for mode in ("--offload", "--no-offload"):
         run = CliRunner().invoke(main, ["prune", *common, "-o", str(tmp_path / mode), "--sparsify", "wanda", mode])
@@ -163,8 +155,23 @@ def test_experts_in_the_decoder_layer_stream_sparsify_and_refuse_local_kd(tmp_pa
     for mode in ("--offload", "--no-offload"):
         run = CliRunner().invoke(main, ["prune", *common, "-o", str(tmp_path / f"kd{mode}"), "--router-kd-local", mode])
         lines = [line for line in run.output.splitlines() if line.startswith("Error")]
-        assert run.exit_code != 0 and len(lines) == 1 and "inside the decoder layer" in lines[0], run.output[-600:]
-        assert not (tmp_path / f"kd{mode}").exists()
+        assert run.exit_code != 0 and len(lines) == 1 and refusal in lines[0], run.output[-600:]
+        assert "calibrat" not in run.output and not (tmp_path / f"kd{mode}").exists()
+
+
+def test_experts_in_the_decoder_layer_stream_sparsify_and_refuse_local_kd(tmp_path):
+    """Gemma-4 keeps router and experts in the decoder layer itself (no MoE block module): the
+    layer-wise passes find their layer, and the block-output fit is refused in one line."""
+    from moeprune.adapters import find_moe_layers
+    from moeprune.calibration.attribution import decoder_layer_of
+    from moeprune.sparsify.collect import moe_by_decoder_index
+
+    _installed("gemma4")
+    model = _gemma4_checkpoint(tmp_path / "src")
+    layer = find_moe_layers(model)[0]
+    assert layer.block_is_decoder_layer and decoder_layer_of(model, layer.block_name) is layer.block
+    assert sorted(moe_by_decoder_index(model)) == [0, 1]
+    _sparsify_streams_and_local_kd_is_refused(tmp_path, "inside the decoder layer")
 
 
 def test_router_state_carried_across_layers_streams_sparsifies_and_refuses_local_kd(tmp_path):
@@ -172,12 +179,8 @@ def test_router_state_carried_across_layers_streams_sparsifies_and_refuses_local
     streamed calibration equals in-memory (and the state matters: without it layer 1 routes
     otherwise), --offload with Wanda writes the in-memory tensors, and the layer-local router fit,
     which would see the block without that state, is refused in one line before any work."""
-    from click.testing import CliRunner
-
     from moeprune import calibrate
     from moeprune.calibration.streamed import streamed_calibrate
-    from moeprune.cli import main
-    from moeprune.io.safetensors_io import read_checkpoint_tensors
     from moeprune.testing.family_survey import seeded_model, shrunk_config
     from moeprune.testing.tiny_models import random_batch
     from moeprune.testing.tiny_tokenizer import byte_tokenizer
@@ -192,17 +195,7 @@ def test_router_state_carried_across_layers_streams_sparsifies_and_refuses_local
     with torch.no_grad():
         model.model.layers[1].mlp.gate.router_states_scale.zero_()  # layer 1 ignores the carried state
     assert not torch.equal(calibrate(model, ids, progress=False).layers[1].tensors["count"], in_memory.layers[1].tensors["count"])
-    common = [str(tmp_path / "src"), "--ratio", "0.5", "--samples", "4", "--seq-len", "32"]
-    for mode in ("--offload", "--no-offload"):
-        run = CliRunner().invoke(main, ["prune", *common, "-o", str(tmp_path / mode), "--sparsify", "wanda", mode])
-        assert run.exit_code == 0, run.output[-600:]
-    a, b = read_checkpoint_tensors(tmp_path / "--offload"), read_checkpoint_tensors(tmp_path / "--no-offload")
-    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    for mode in ("--offload", "--no-offload"):
-        run = CliRunner().invoke(main, ["prune", *common, "-o", str(tmp_path / f"kd{mode}"), "--router-kd-local", mode])
-        lines = [line for line in run.output.splitlines() if line.startswith("Error")]
-        assert run.exit_code != 0 and len(lines) == 1 and "router hidden states" in lines[0], run.output[-600:]
-        assert "calibrat" not in run.output and not (tmp_path / f"kd{mode}").exists()
+    _sparsify_streams_and_local_kd_is_refused(tmp_path, "router hidden states")
 
 
 def test_streamed_perplexity_of_a_float32_residual_stream_in_bf16(tmp_path):
