@@ -104,6 +104,12 @@ def test_mask_experts_runs_the_routers_own_code_on_masked_logits() -> None:
     assert torch.isinf(masked[:, [3, 6]]).all() and torch.equal(index, top.indices)
     torch.testing.assert_close(weights, top.values / top.values.sum(-1, keepdim=True))
     assert torch.equal(router(hidden)[0], logits)  # unmasked after the context
+    record: dict = {}
+    with mask_experts(model, {0: [3, 6]}, record=record):
+        router(hidden)
+        router(hidden[:2])
+    assert list(record) == [0] and [t.shape[0] for t in record[0]] == [5, 2]  # every call, as masked
+    assert torch.equal(record[0][0], masked)
 
 
 def test_mask_experts_masks_a_correction_bias_and_restores_it() -> None:

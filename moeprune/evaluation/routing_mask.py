@@ -40,8 +40,10 @@ class _MaskLinearOutput(TorchFunctionMode):
     """Inside one router's forward: -inf in the dropped columns of `F.linear(x, weight)`, `weight`
     being the router's logit weight or a conversion of it (`self.weight.float()` in a bf16 model)."""
 
-    def __init__(self, weights: Sequence[torch.Tensor], columns: Sequence[int]) -> None:
+    def __init__(self, weights: Sequence[torch.Tensor], columns: Sequence[int],
+                 record: list[torch.Tensor] | None = None) -> None:
         super().__init__()
+        self.record = record
         self.ids = {id(w) for w in weights}
         self.derived: list[torch.Tensor] = []  # conversions of the weight, alive while the router runs
         self.columns = list(columns)
@@ -56,10 +58,12 @@ class _MaskLinearOutput(TorchFunctionMode):
             out = out.clone()
             out[..., self.columns] = float("-inf")
             self.hits += 1
+            if self.record is not None:
+                self.record.append(out.detach())
         return out
 
 
-def _mask_router(router: nn.Module, num_experts: int, columns: list[int]) -> list:
+def _mask_router(router: nn.Module, num_experts: int, columns: list[int], record: list | None = None) -> list:
     """Hooks that run `router`'s forward under the mask; returns the handles."""
     from moeprune.adapters.layout import router_scoring_weights
 
@@ -67,7 +71,7 @@ def _mask_router(router: nn.Module, num_experts: int, columns: list[int]) -> lis
     state: dict[str, _MaskLinearOutput] = {}
 
     def enter(module: nn.Module, args: tuple) -> None:
-        state["mode"] = _MaskLinearOutput(weights, columns).__enter__()
+        state["mode"] = _MaskLinearOutput(weights, columns, record).__enter__()
 
     def leave(module: nn.Module, args: tuple, output: object) -> None:
         mode = state.pop("mode")
@@ -96,12 +100,14 @@ def _mask_selection_bias(layer, columns: list[int]) -> list[tuple]:
 
 
 @contextlib.contextmanager
-def mask_experts(model: nn.Module, dropped: Mapping[int, Sequence[int]]) -> Iterator[nn.Module]:
+def mask_experts(model: nn.Module, dropped: Mapping[int, Sequence[int]],
+                 record: dict[int, list[torch.Tensor]] | None = None) -> Iterator[nn.Module]:
     """Context manager: route ``model`` as if experts ``dropped[layer]`` were pruned.
 
     Args:
         model: a transformers MoE causal LM (or its base model).
         dropped: layer index → expert indices to exclude. Layers not listed are untouched.
+        record: if given, filled with layer index → the masked router logits of every call.
 
     Raises:
         ValueError: a listed layer has no router, an index is out of range, or fewer than
@@ -128,7 +134,8 @@ def mask_experts(model: nn.Module, dropped: Mapping[int, Sequence[int]]) -> Iter
                 )
             if not experts:
                 continue
-            handles += _mask_router(layer.router, n_experts, experts)
+            handles += _mask_router(layer.router, n_experts, experts,
+                                    None if record is None else record.setdefault(index, []))
             saved += _mask_selection_bias(layer, experts)
         yield model
     finally:
