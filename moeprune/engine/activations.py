@@ -3,7 +3,7 @@
 A layer-wise pass keeps every calibration batch's hidden states between layers; for models larger
 than memory they cannot all stay resident, so `ActivationStore` spills the excess to safetensors
 files (`save_activation` / `load_activation`) in a directory its caller owns. An entry is a tensor
-or, for families whose layers carry more state (`engine.runner.CARRIED_STATE`), a (hidden, carried)
+or, for families whose layers carry more state (`adapters.carried_state`), a (hidden, carried)
 pair, saved side by side in one file.
 """
 
@@ -11,24 +11,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
+from moeprune.engine.runner import LayerState
 
-State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # as engine.runner.LayerState
 
-
-def save_activation(path: Path, state: State) -> None:
+def save_activation(path: Path, state: LayerState) -> None:
     tensors = state if isinstance(state, tuple) else (state,)
     save_file(dict(zip(("hidden", "carried"), (t.contiguous() for t in tensors))), str(path))
 
 
-def load_activation(path: Path) -> State:
+def load_activation(path: Path) -> LayerState:
     tensors = load_file(str(path))
     return (tensors["hidden"], tensors["carried"]) if "carried" in tensors else tensors["hidden"]
 
 
-def _bytes(state: State) -> int:
+def _bytes(state: LayerState) -> int:
     return sum(t.numel() * t.element_size() for t in (state if isinstance(state, tuple) else (state,)))
 
 
@@ -39,10 +37,10 @@ class ActivationStore:
         self.directory = Path(directory)
         self.budget = budget
         self.used = 0
-        self.items: dict[int, State | str] = {}
+        self.items: dict[int, LayerState | str] = {}
         self.spilled = 0
 
-    def put(self, index: int, state: State) -> None:
+    def put(self, index: int, state: LayerState) -> None:
         size = _bytes(state)
         if self.used + size <= self.budget:
             self.items[index] = state
@@ -53,7 +51,7 @@ class ActivationStore:
             self.items[index] = name
             self.spilled += 1
 
-    def get(self, index: int) -> State:
+    def get(self, index: int) -> LayerState:
         item = self.items[index]
         return load_activation(self.directory / item) if isinstance(item, str) else item
 

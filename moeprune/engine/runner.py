@@ -83,14 +83,6 @@ def hidden_of(state: LayerState) -> torch.Tensor:
     return state[0] if isinstance(state, tuple) else state
 
 
-def _next_state(out: Any, args: tuple) -> Any:
-    """What a layer hands the next one: its hidden states, plus the carried output where its call
-    has a `CarriedState` argument."""
-    spec = next((a for a in args if isinstance(a, CarriedState)), None)
-    hidden = layer_output(out)
-    return hidden if spec is None else (hidden, out[spec.output])
-
-
 class _Captured(Exception):
     """Raised by the last layer's recorder to stop a capture forward early."""
 
@@ -110,19 +102,16 @@ def capture_calls(model: nn.Module, layers: nn.ModuleList, batch: Batch, device:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if index == 0:
                 first.append(hidden)
-            rest = list(args[1:])
-            if carried is None:
-                calls.append((tuple(rest), kwargs))
-            elif carried.argument >= len(rest):
-                raise RuntimeError(f"decoder layer {index} got no positional argument {carried.argument + 1} to carry state in")
-            else:
+            rest, passed = list(args[1:]), None
+            if carried is not None:
+                if carried.argument >= len(rest):
+                    raise RuntimeError(f"decoder layer {index} got no positional argument {carried.argument + 1} "
+                                       "to carry state in")
                 passed, rest[carried.argument] = rest[carried.argument], carried
-                calls.append((tuple(rest), kwargs))
+            calls.append((tuple(rest), kwargs))
             if index == len(layers) - 1:
                 raise _Captured
-            if carried is None:
-                return hidden
-            return (hidden, *([None] * (carried.output - 1)), passed)
+            return hidden if carried is None else (hidden, *([None] * (carried.output - 1)), passed)
 
         return forward
 
@@ -188,11 +177,12 @@ class LayerRunner:
                 self.before_batch(b)
             args, kwargs = batch_calls[index]
             state = inputs.get(b)
-            if isinstance(state, tuple):  # the carried state goes where the captured call marks it
-                args = tuple(state[1].to(self.device) if isinstance(a, CarriedState) else a for a in args)
-            else:
-                args = tuple(None if isinstance(a, CarriedState) else a for a in args)
-            out = _next_state(layer(hidden_of(state).to(self.device), *args, **kwargs), batch_calls[index][0])
+            hidden, carried = state if isinstance(state, tuple) else (state, None)
+            spec = next((a for a in args if isinstance(a, CarriedState)), None)
+            if spec is not None:  # the predecessor's carried state (None into the first layer) goes in its place
+                args = tuple((None if carried is None else carried.to(self.device)) if a is spec else a for a in args)
+            out = layer(hidden.to(self.device), *args, **kwargs)
+            out = layer_output(out) if spec is None else (layer_output(out), out[spec.output])
             if outputs is not None:
                 outputs.put(b, (tuple(to_host(t) for t in out) if isinstance(out, tuple) else to_host(out))
                             if self.host else out)
