@@ -81,6 +81,9 @@ RECIPE_ROWS: list[dict[str, Any]] = [
      "router_kd": {**KD, "steps": 1000, "lr": 3e-4, "source": "builtin:broad-mixed"}},
     {"name": "mone + router-kd, 1000 steps, 512 samples, lr 3e-4 on broad text", "strategy": "mone", "ratio": 0.5,
      "router_kd": {**KD, "steps": 1000, "lr": 3e-4, "samples": 512, "source": "builtin:broad-mixed"}},
+    {"name": "mone + router-kd, 1000 steps, 64 or 512 samples by validation KL, lr 3e-4 on broad text",
+     "strategy": "mone", "ratio": 0.5,  # moeprune.recover.choose: one recipe, the count chosen per model and seed
+     "router_kd": {**KD, "steps": 1000, "lr": 3e-4, "samples": [64, 512], "source": "builtin:broad-mixed"}},
     {"name": "mone + router-kd, 30 steps", "strategy": "mone", "ratio": 0.5, "router_kd": {**KD, "steps": 30}},
     {"name": "reap + sparsegpt 50%", "strategy": "reap", "ratio": 0.5,
      "sparsify": {"method": "sparsegpt", "sparsity": 0.5}},
@@ -204,6 +207,10 @@ def run_recipes(spec, dense, tok, seed, ref, base, args, out, dump) -> None:
             result = prune(recipe, model=copy.deepcopy(dense), tokenizer=tok, progress=False)
             if result.report is not None:
                 picked[entry["name"]] = row["picked"] = result.report["selected"]["strategy"]
+            choice = result.plan.params.get("router_kd", {}).get("choice")
+            if choice is not None:  # router_kd.samples as a list: which count won, and every candidate's KL
+                row["kd_choice"] = {"selected": choice["selected"]["samples"],
+                                    "kl": {str(c["samples"]): c["kl"] for c in choice["candidates"]}}
             row["ratio"] = entry.get("group_ratio", ratio)
             row.update(ref.measure(result.model, tasks=entry.get("tasks", row["ratio"] in args.task_ratios)))
         except Exception as err:

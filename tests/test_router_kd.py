@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,22 +16,8 @@ from moeprune.recover.router_kd_local import block_mse, capture_block_io, fit_ro
 from moeprune.recover.router_params import router_parameters
 from moeprune.recover.teacher_cache import TeacherCache, build_teacher_cache, kd_loss, topk_kl
 from moeprune.recover.kd_data import held_apart_ids
-from moeprune.testing.tiny_models import random_batch, tiny_model
+from moeprune.testing.tiny_models import random_batch, sharp_tiny_model, tiny_model
 from moeprune.testing.tiny_tokenizer import byte_tokenizer
-
-
-@pytest.fixture(scope="module")
-def code_file(tmp_path_factory) -> str:
-    """A small local .txt corpus of fixed standard-library sources (blank lines separate documents)."""
-    import argparse
-    import difflib
-    import json
-    import textwrap
-
-    path = tmp_path_factory.mktemp("corpus") / "code.txt"
-    sources = sorted(Path(json.__file__).parent.glob("*.py")) + [Path(m.__file__) for m in (textwrap, difflib, argparse)]
-    path.write_text("\n\n".join(f.read_text() for f in sources))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +30,9 @@ def text_ids(code_file) -> dict[str, torch.Tensor]:
     return {"planning": planning, "train": train, "heldout": heldout, "source": code_file}
 
 
-def _sharp(family: str) -> torch.nn.Module:
-    """A tiny model whose next-token distributions depend visibly on the experts (random tiny models
-    are near-uniform): larger lm_head and expert output weights."""
-    model = tiny_model(family)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(5.0)
-        for layer in find_moe_layers(model):
-            layer.experts.down_proj.mul_(2.0)
-    return model
-
-
 def _compressed(family: str, planning: torch.Tensor, strategy: str = "frequency", ratio: float = 0.5):
     """(dense teacher, compressed student), pruned on the planning tokens."""
-    dense = _sharp(family)
+    dense = sharp_tiny_model(family)
     student = copy.deepcopy(dense)
     stats = calibrate(student, planning, progress=False)
     apply(student, plan(stats, strategy, ratio, model=student))
@@ -163,7 +137,7 @@ def test_router_kd_changes_only_router_parameters(family, text_ids):
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
 def test_router_kd_recovers_perturbed_routers_on_heldout_text(family, text_ids):
     """A student whose only damage is in the routers can be repaired by router KD: held-out KL drops."""
-    dense = _sharp(family)
+    dense = sharp_tiny_model(family)
     student = copy.deepcopy(dense)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -252,7 +226,7 @@ def test_api_prune_with_router_kd_saves_the_trained_routers(strategy, tmp_path, 
     from moeprune.config import load_recipe
     from moeprune.io.checkpoint import load_pruned
 
-    model = _sharp("qwen3_moe")
+    model = sharp_tiny_model("qwen3_moe")
     recipe = load_recipe(None, {
         "strategy": strategy, "ratio": 0.5, "output": str(tmp_path / "out"), "calibration.source": code_file,
         "calibration.samples": 4, "calibration.seq_len": 32, "router_kd.steps": 3, "router_kd.lr": 1e-2,

@@ -84,10 +84,12 @@ def prune_in_memory(
                           sample_tokens=spec.sample_tokens(recipe.strategy_params()), sample_seed=cal.seed)
     kd_prep = None
     if recipe.router_kd is not None:  # cache the dense model's outputs before compression edits it in place
+        from moeprune.recover.choose import prepare_kd_choice
         from moeprune.recover.run import prepare_router_kd
 
-        kd_prep = prepare_router_kd(model, tokenizer, recipe.router_kd, cal.source, cal.seq_len, cal.seed,
-                                    planning_ids=calibration_tokens, batch_size=cal.batch_size, progress=progress)
+        prepare = prepare_kd_choice if len(recipe.router_kd.sample_choices) > 1 else prepare_router_kd
+        kd_prep = prepare(model, tokenizer, recipe.router_kd, cal.source, cal.seq_len, cal.seed,
+                          planning_ids=calibration_tokens, batch_size=cal.batch_size, progress=progress)
     if stats is not None and not stats.meta.get("fingerprint"):  # statistics made elsewhere (torchrun ranks)
         stats.meta["fingerprint"] = fingerprint
     for index, experts in (check_stats(stats, allow=recipe.allow_nonfinite) if stats is not None else {}).items():
@@ -118,9 +120,11 @@ def prune_in_memory(
 
         sparsify(model, ids, plan=result_plan, batch_size=cal.batch_size, progress=progress, **recipe.sparsify.kwargs())
     if kd_prep is not None:
+        from moeprune.recover.choose import KDChoice, run_kd_choice
         from moeprune.recover.run import run_router_kd
 
-        result_plan.params["router_kd"] = run_router_kd(model, kd_prep, progress=progress)
+        run = run_kd_choice if isinstance(kd_prep, KDChoice) else run_router_kd
+        result_plan.params["router_kd"] = run(model, kd_prep, progress=progress)
     if recipe.dynamic_skip:  # NAEE dynamic skipping, fitted on the compressed model (apply/dynamic_skip.py)
         from moeprune.apply.dynamic_skip import calibrate_dynamic_skip
 

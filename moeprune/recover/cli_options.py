@@ -33,7 +33,10 @@ router_kd_options = recipe_option_group("router_kd_overrides", _OPTIONS, [
                  help="Layer-local router calibration: fit each router to reproduce the dense MoE block's output."),
     click.option("--router-kd-lr", type=float, help="Router KD learning rate (default 5e-5, the paper's)."),
     click.option("--router-kd-batch-size", type=int, help="Router KD sequences per step (default 2)."),
-    click.option("--router-kd-samples", type=int, help="Router-calibration sequences, held apart from planning (default 64)."),
+    click.option("--router-kd-samples", metavar="N[,N...]",
+                 help="Router-calibration sequences, held apart from planning (default 64). Several counts "
+                      "(64,512): KD runs once per count and the lowest KL to the dense model on held-apart "
+                      "validation sequences wins."),
     click.option("--router-kd-top-k", type=int, help="Teacher log-probs cached per token (default 64, plus the tail mass)."),
     click.option("--router-kd-temperature", type=float, help="KD temperature tau (default 1)."),
     click.option("--router-kd-seed", type=int, help="Seed for router-calibration tokens and batch order (default --seed)."),
@@ -56,4 +59,9 @@ def describe_report(report: dict) -> str:
             kl = f", KL to dense on its tokens {r['train_kl_before']:.4f} -> {r['train_kl_after']:.4f}"
         lines.append(f"router KD: {r['steps']} steps, lr {r['lr']:g}, {r['trained_parameters']} router parameters{kl} "
                      f"({r['seconds']:.1f}s)")
+    if "choice" in report:
+        c = report["choice"]
+        tried = ", ".join(f"{row['samples']}: {row['kl']:.4f}" for row in c["candidates"])
+        lines.append(f"router KD samples chosen by validation KL on {c['sequences']} held-apart sequences "
+                     f"(uncalibrated {c['kl_uncalibrated']:.4f}; {tried}) -> {c['selected']['samples']}")
     return "\n".join(lines)

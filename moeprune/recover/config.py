@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class RouterKDConfig(BaseModel):
@@ -13,6 +15,12 @@ class RouterKDConfig(BaseModel):
     MoE block output). Both may be on: local first, then global. Tokens are `samples` x `seq_len`
     drawn from `source` (default: the calibration source / seq_len / seed), disjoint from the
     planning tokens.
+
+    `samples` as a list (e.g. `[64, 512]`) runs global KD once per sample count, each on its own
+    copy of the compressed model, and keeps the one with the lowest KL to the dense model on
+    `val_samples` further sequences of the same source, held apart from the planning and from every
+    candidate's training tokens (`moeprune.recover.choose`; the README's "Router KD on more text"
+    found the best count differs between the bundled models).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -21,7 +29,8 @@ class RouterKDConfig(BaseModel):
     batch_size: int = Field(2, ge=1)
     temperature: float = Field(1.0, gt=0.0)
     top_k: int = Field(64, ge=1)
-    samples: int = Field(64, ge=1)
+    samples: int | list[int] = 64
+    val_samples: int = Field(32, ge=1)
     seq_len: int | None = Field(None, ge=2)
     source: str | None = None
     seed: int | None = None
@@ -32,8 +41,36 @@ class RouterKDConfig(BaseModel):
     local_lr: float = Field(1e-3, gt=0.0)
     local_batch_tokens: int = Field(1024, ge=1)
 
+    @field_validator("samples", mode="before")
+    @classmethod
+    def _sample_counts(cls, value: Any) -> int | list[int]:
+        if isinstance(value, str):  # the CLI's "64,512"
+            try:
+                value = [int(v) for v in value.split(",")]
+            except ValueError:
+                raise ValueError(f"router_kd.samples must be a count or a comma-separated list of counts, got {value!r}") from None
+        if isinstance(value, (list, tuple)):
+            if not value or any(not isinstance(v, int) or v < 1 for v in value) or len(set(value)) != len(value):
+                raise ValueError(f"router_kd.samples as a list needs distinct counts >= 1, got {list(value)}")
+            return value[0] if len(value) == 1 else list(value)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"router_kd.samples must be >= 1, got {value}")
+        return value
+
     @model_validator(mode="after")
     def _something_to_do(self) -> "RouterKDConfig":
         if self.steps == 0 and not self.local:
             raise ValueError("router_kd needs steps > 0 (global KD) or local: true (layer-local); set one")
+        if isinstance(self.samples, list) and (self.steps == 0 or self.local):
+            raise ValueError("router_kd.samples as a list chooses among global KD runs by validation KL; it needs "
+                             "steps > 0 and local: false")
         return self
+
+    @property
+    def sample_choices(self) -> list[int]:
+        """The sample counts to try: one unless `samples` is a list."""
+        return list(self.samples) if isinstance(self.samples, list) else [self.samples]
+
+    def with_samples(self, samples: int) -> "RouterKDConfig":
+        """This configuration with one sample count (one candidate of a choice)."""
+        return self.model_copy(update={"samples": samples})

@@ -42,6 +42,8 @@ def prepare_router_kd(
     planning_ids: torch.Tensor | None = None, batch_size: int = 8, progress: bool = True,
 ) -> RouterKDPrep:
     """Run on the UNCOMPRESSED model: draw held-apart tokens and cache the teacher's outputs."""
+    if isinstance(config.samples, list):
+        raise ValueError("prepare_router_kd takes one sample count; a list is a choice (moeprune.recover.choose)")
     started = time.perf_counter()
     seed = config.seed if config.seed is not None else seed
     ids = held_apart_ids(config.source or source, tokenizer, config.samples, config.seq_len or seq_len, seed,

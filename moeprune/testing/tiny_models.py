@@ -189,6 +189,19 @@ def tiny_model(family: str, seed: int = 0, router_scale: float = 8.0) -> torch.n
     return model.eval()
 
 
+def sharp_tiny_model(family: str) -> torch.nn.Module:
+    """A tiny model whose next-token distributions depend visibly on the experts (random tiny models
+    are near-uniform): larger lm_head and expert output weights. For router-calibration tests."""
+    from moeprune.adapters import find_moe_layers
+
+    model = tiny_model(family)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5.0)
+        for layer in find_moe_layers(model):
+            layer.experts.down_proj.mul_(2.0)
+    return model
+
+
 def _is_router_weight(name: str) -> bool:
     return name.endswith(("mlp.gate.weight", "mlp.router.weight", "block_sparse_moe.gate.weight",
                           "feed_forward.router.weight", "ffn.router.layer.weight",

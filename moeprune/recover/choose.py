@@ -1,0 +1,103 @@
+"""Router KD with the sample count chosen per model: `router_kd.samples: [64, 512]`.
+
+The best number of router-calibration sequences differed between the bundled models (README,
+"Router KD on more text": 512 ahead on tiny-moe, 64 on tiny-moe-64), so a recipe can list several
+and let evidence decide, the way `--strategy auto` chooses a strategy:
+
+    choice = prepare_kd_choice(model, tokenizer, config, ...)   # dense model: every teacher cache
+    ... apply the plan, sparsify ...
+    report = run_kd_choice(model, choice)                       # compressed: the best routers kept
+
+1. Before compression, each candidate count gets exactly the tokens and teacher cache a recipe with
+   that one count would get (`prepare_router_kd`), so the chosen model equals that recipe's model.
+2. The validation sequences come from the same source and packing, drawn apart from the planning
+   tokens and from every candidate's training tokens (`held_apart_ids`), and the dense model's top-k
+   next-token distributions on them are cached too.
+3. After compression, each candidate trains on its own copy of the compressed model and is scored by
+   the mean KL(dense || candidate) on the validation cache (`cache_kl`). The lowest KL wins (ties: the
+   earlier count); its router parameters are copied into the model.
+
+Memory: the compressed model plus one copy at a time, and one teacher cache per candidate.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeprune.recover.config import RouterKDConfig
+from moeprune.recover.kd_data import held_apart_ids
+from moeprune.recover.router_kd import cache_kl
+from moeprune.recover.router_params import router_parameters
+from moeprune.recover.run import RouterKDPrep, prepare_router_kd, run_router_kd
+from moeprune.recover.teacher_cache import TeacherCache, build_teacher_cache
+
+__all__ = ["KDChoice", "prepare_kd_choice", "run_kd_choice"]
+
+METRIC = "mean KL(dense || candidate) of top-k next-token distributions on held-apart validation sequences"
+
+
+@dataclass
+class KDChoice:
+    candidates: list[RouterKDPrep]
+    validation: TeacherCache
+    info: dict[str, Any]
+
+
+def _excluded(tensors: list[torch.Tensor], seq_len: int) -> torch.Tensor | None:
+    rows = [t for t in tensors if t is not None and t.shape[-1] == seq_len]
+    return torch.cat(rows) if rows else None
+
+
+def prepare_kd_choice(
+    model: nn.Module, tokenizer: Any, config: RouterKDConfig, source: str, seq_len: int, seed: int,
+    planning_ids: torch.Tensor | None = None, batch_size: int = 8, progress: bool = True,
+) -> KDChoice:
+    """Run on the UNCOMPRESSED model: every candidate's teacher cache and the validation cache."""
+    candidates = [prepare_router_kd(model, tokenizer, config.with_samples(n), source, seq_len, seed,
+                                    planning_ids=planning_ids, batch_size=batch_size, progress=progress)
+                  for n in config.sample_choices]
+    first = candidates[0]
+    kd_len = first.info["seq_len"]
+    exclude = _excluded([planning_ids] + [c.cache.input_ids for c in candidates], kd_len)
+    val_ids = held_apart_ids(first.info["source"], tokenizer, config.val_samples, kd_len, first.seed, exclude=exclude)
+    validation = build_teacher_cache(model, val_ids, k=config.top_k, batch_size=batch_size, progress=progress)
+    info = {"metric": METRIC, "source": first.info["source"], "sequences": config.val_samples, "seq_len": kd_len,
+            "seed": first.seed}
+    return KDChoice(candidates, validation, info)
+
+
+def run_kd_choice(model: nn.Module, choice: KDChoice, progress: bool = True) -> dict[str, Any]:
+    """Train every candidate on a copy of the compressed `model`, keep the best routers in `model`.
+
+    Returns the selected candidate's router-KD report with a `choice` entry: the validation set,
+    every candidate's sample count and validation KL, the uncalibrated model's KL, and the selection.
+    """
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    best: tuple[float, dict[str, torch.Tensor], dict[str, Any]] | None = None
+    uncalibrated = cache_kl(model, choice.validation)
+    for prep in choice.candidates:
+        candidate = copy.deepcopy(model)
+        report = run_router_kd(candidate, prep, progress=progress)
+        kl = cache_kl(candidate, choice.validation)
+        rows.append({"samples": prep.config.samples, "kl": kl, "seconds": report["global"]["seconds"]})
+        if best is None or kl < best[0]:
+            routers = {name: p.detach().clone() for name, p in router_parameters(candidate).items()}
+            best = (kl, routers, report)
+        del candidate
+    assert best is not None  # at least one candidate (RouterKDConfig.sample_choices)
+    kl, routers, report = best
+    with torch.no_grad():
+        for name, param in router_parameters(model).items():
+            param.copy_(routers[name])
+    report = dict(report)
+    report["choice"] = {**choice.info, "kl_uncalibrated": uncalibrated, "candidates": rows,
+                        "selected": {"samples": report["sequences"], "kl": kl},
+                        "seconds": round(time.perf_counter() - started, 3)}
+    return report

@@ -1,0 +1,110 @@
+"""Router KD with the sample count chosen by validation KL (`router_kd.samples: [a, b]`)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from moeprune.recover.router_params import router_parameters
+from moeprune.testing.tiny_models import sharp_tiny_model
+from moeprune.testing.tiny_tokenizer import byte_tokenizer
+
+
+def _recipe(code_file: str, samples, **extra):
+    from moeprune.config import load_recipe
+
+    return load_recipe(None, {
+        "strategy": "frequency", "ratio": 0.5, "calibration.source": code_file, "calibration.samples": 4,
+        "calibration.seq_len": 32, "router_kd.steps": 6, "router_kd.lr": 1e-2, "router_kd.samples": samples,
+        "router_kd.batch_size": 2, "router_kd.top_k": 8, "router_kd.val_samples": 6, **extra,
+    })
+
+
+def _routers(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in router_parameters(model).items()}
+
+
+def test_samples_list_validates():
+    from moeprune.recover.config import RouterKDConfig
+
+    assert RouterKDConfig(steps=1, samples="64,512").samples == [64, 512]
+    assert RouterKDConfig(steps=1, samples="64").samples == 64
+    assert RouterKDConfig(steps=1, samples=[64]).samples == 64
+    assert RouterKDConfig(steps=1, samples=[8, 2]).sample_choices == [8, 2]
+    for bad in ([2, 2], [], [0, 4], "4,x"):
+        with pytest.raises(ValueError, match="router_kd.samples"):
+            RouterKDConfig(steps=1, samples=bad)
+    with pytest.raises(ValueError, match="local: false"):
+        RouterKDConfig(steps=1, samples=[2, 4], local=True)
+    with pytest.raises(ValueError, match="steps > 0"):
+        RouterKDConfig(samples=[2, 4], local=True)
+
+
+def test_validation_sequences_are_apart_from_planning_and_every_candidates_training_tokens(code_file):
+    from moeprune.recover.choose import prepare_kd_choice
+    from moeprune.recover.config import RouterKDConfig
+    from moeprune.recover.kd_data import held_apart_ids
+
+    tok = byte_tokenizer()
+    planning = held_apart_ids(code_file, tok, 4, 32, seed=0)
+    config = RouterKDConfig(steps=1, samples=[3, 7], top_k=8, val_samples=5)
+    choice = prepare_kd_choice(sharp_tiny_model("qwen3_moe"), tok, config, code_file, 32, seed=0,
+                               planning_ids=planning, progress=False)
+    rows = lambda t: {tuple(r.tolist()) for r in t}  # noqa: E731
+    val = rows(choice.validation.input_ids)
+    assert len(val) == 5 and not val & rows(planning)
+    assert [c.cache.num_sequences for c in choice.candidates] == [3, 7]
+    for candidate in choice.candidates:
+        assert not val & rows(candidate.cache.input_ids)
+    # each candidate's tokens are those a recipe with that one count draws
+    alone = held_apart_ids(code_file, tok, 7, 32, seed=0, exclude=planning)
+    assert torch.equal(choice.candidates[1].cache.input_ids, alone)
+
+
+def test_the_lowest_validation_kl_wins_and_equals_the_one_count_recipe(code_file):
+    from moeprune.api import prune
+
+    dense = sharp_tiny_model("qwen3_moe")
+    tok = byte_tokenizer()
+    chosen = prune(_recipe(code_file, [2, 8]), model=copy.deepcopy(dense), tokenizer=tok, progress=False)
+    choice = chosen.plan.params["router_kd"]["choice"]
+    kls = {row["samples"]: row["kl"] for row in choice["candidates"]}
+    assert set(kls) == {2, 8} and kls[2] != kls[8]
+    winner = min(kls, key=kls.get)
+    assert choice["selected"] == {"samples": winner, "kl": kls[winner]}
+    assert choice["kl_uncalibrated"] not in kls.values()  # measured before any candidate trained
+    assert chosen.plan.params["router_kd"]["sequences"] == winner
+    routers = _routers(chosen.model)
+    for n in (2, 8):
+        single = prune(_recipe(code_file, n), model=copy.deepcopy(dense), tokenizer=tok, progress=False)
+        same = all(torch.equal(routers[k], v) for k, v in _routers(single.model).items())
+        assert same == (n == winner), n
+    # the same recipe again: the same choice and routers (deterministic for a seed)
+    again = prune(_recipe(code_file, [2, 8]), model=copy.deepcopy(dense), tokenizer=tok, progress=False)
+    assert again.plan.params["router_kd"]["choice"]["candidates"] == [
+        {**row, "seconds": again_row["seconds"]} for row, again_row in
+        zip(choice["candidates"], again.plan.params["router_kd"]["choice"]["candidates"])]
+    assert all(torch.equal(routers[k], v) for k, v in _routers(again.model).items())
+
+
+def test_cli_router_kd_samples_list(tmp_path, code_file):
+    from click.testing import CliRunner
+
+    from moeprune.cli import main
+    from moeprune.testing.tiny_models import save_tiny_checkpoint
+
+    model = save_tiny_checkpoint("qwen3_moe", tmp_path / "model")
+    args = ["prune", str(model), "--strategy", "frequency", "--ratio", "0.5", "--calibration", code_file, "--samples", "4",
+            "--seq-len", "32", "--router-kd", "2", "--router-kd-lr", "1e-2", "--router-kd-samples", "2,4",
+            "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "router KD samples chosen by validation KL on 32 held-apart sequences" in result.output
+    saved = json.loads((tmp_path / "out" / "moeprune_plan.json").read_text())["params"]["router_kd"]
+    assert [row["samples"] for row in saved["choice"]["candidates"]] == [2, 4]
+    assert saved["sequences"] == saved["choice"]["selected"]["samples"]
+    bad = CliRunner().invoke(main, args[:-2] + ["--router-kd-samples", "2,2", "-o", str(tmp_path / "out2")])
+    assert bad.exit_code != 0 and "distinct counts" in bad.output
