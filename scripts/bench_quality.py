@@ -81,7 +81,7 @@ RECIPE_ROWS: list[dict[str, Any]] = [
      "router_kd": {**KD, "steps": 1000, "lr": 3e-4, "source": "builtin:broad-mixed"}},
     {"name": "mone + router-kd, 1000 steps, 512 samples, lr 3e-4 on broad text", "strategy": "mone", "ratio": 0.5,
      "router_kd": {**KD, "steps": 1000, "lr": 3e-4, "samples": 512, "source": "builtin:broad-mixed"}},
-    {"name": "mone + router-kd, 1000 steps, 64 or 512 samples by validation KL, lr 3e-4 on broad text",
+    {"name": "mone + router-kd, 1000 steps, 64 or 512 samples by KL on held-out documents, lr 3e-4 on broad text",
      "strategy": "mone", "ratio": 0.5,  # moeprune.recover.choose: one recipe, the count chosen per model and seed
      "router_kd": {**KD, "steps": 1000, "lr": 3e-4, "samples": [64, 512], "source": "builtin:broad-mixed"}},
     {"name": "mone + router-kd, 30 steps", "strategy": "mone", "ratio": 0.5, "router_kd": {**KD, "steps": 30}},

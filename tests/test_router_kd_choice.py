@@ -43,25 +43,29 @@ def test_samples_list_validates():
         RouterKDConfig(samples=[2, 4], local=True)
 
 
-def test_validation_sequences_are_apart_from_planning_and_every_candidates_training_tokens(code_file):
+def test_validation_sequences_come_from_documents_no_candidate_trains_on(code_file):
+    from moeprune.evaluation.text_sources import load_texts
     from moeprune.recover.choose import prepare_kd_choice
     from moeprune.recover.config import RouterKDConfig
-    from moeprune.recover.kd_data import held_apart_ids
+    from moeprune.recover.kd_data import held_apart_ids, validation_documents
 
     tok = byte_tokenizer()
     planning = held_apart_ids(code_file, tok, 4, 32, seed=0)
     config = RouterKDConfig(steps=1, samples=[3, 7], top_k=8, val_samples=5)
     choice = prepare_kd_choice(sharp_tiny_model("qwen3_moe"), tok, config, code_file, 32, seed=0,
                                planning_ids=planning, progress=False)
-    rows = lambda t: {tuple(r.tolist()) for r in t}  # noqa: E731
-    val = rows(choice.validation.input_ids)
-    assert len(val) == 5 and not val & rows(planning)
+    documents, val_ids = validation_documents(code_file, tok, 5, 32, seed=0)
+    assert choice.info["documents"] == len(documents) and torch.equal(choice.validation.input_ids, val_ids)
+    texts = load_texts(code_file, split="train")
+    held = [texts[i] for i in documents]
+    assert tok.decode(val_ids[0].tolist()).startswith(held[0][:16])  # the windows are those documents' text
     assert [c.cache.num_sequences for c in choice.candidates] == [3, 7]
-    for candidate in choice.candidates:
-        assert not val & rows(candidate.cache.input_ids)
-    # each candidate's tokens are those a recipe with that one count draws
-    alone = held_apart_ids(code_file, tok, 7, 32, seed=0, exclude=planning)
-    assert torch.equal(choice.candidates[1].cache.input_ids, alone)
+    for candidate in choice.candidates:  # drawn from the other documents, apart from planning
+        alone = held_apart_ids(code_file, tok, candidate.cache.num_sequences, 32, seed=0, exclude=planning,
+                               skip_documents=documents)
+        assert torch.equal(candidate.cache.input_ids, alone)
+    other = held_apart_ids(code_file, tok, 7, 32, seed=0, exclude=planning)
+    assert not torch.equal(choice.candidates[1].cache.input_ids, other)  # skipping the documents changed the draw
 
 
 def test_the_lowest_validation_kl_wins_and_equals_the_one_count_recipe(code_file):
@@ -78,16 +82,39 @@ def test_the_lowest_validation_kl_wins_and_equals_the_one_count_recipe(code_file
     assert choice["kl_uncalibrated"] not in kls.values()  # measured before any candidate trained
     assert chosen.plan.params["router_kd"]["sequences"] == winner
     routers = _routers(chosen.model)
-    for n in (2, 8):
-        single = prune(_recipe(code_file, n), model=copy.deepcopy(dense), tokenizer=tok, progress=False)
-        same = all(torch.equal(routers[k], v) for k, v in _routers(single.model).items())
-        assert same == (n == winner), n
+    assert any(not torch.equal(routers[k], v) for k, v in _routers(dense).items())  # KD moved them
     # the same recipe again: the same choice and routers (deterministic for a seed)
     again = prune(_recipe(code_file, [2, 8]), model=copy.deepcopy(dense), tokenizer=tok, progress=False)
     assert again.plan.params["router_kd"]["choice"]["candidates"] == [
         {**row, "seconds": again_row["seconds"]} for row, again_row in
         zip(choice["candidates"], again.plan.params["router_kd"]["choice"]["candidates"])]
     assert all(torch.equal(routers[k], v) for k, v in _routers(again.model).items())
+
+
+def test_the_winners_routers_are_copied_back(code_file):
+    from moeprune import apply, calibrate, plan
+    from moeprune.recover.choose import prepare_kd_choice, run_kd_choice
+    from moeprune.recover.config import RouterKDConfig
+    from moeprune.recover.kd_data import held_apart_ids
+    from moeprune.recover.run import run_router_kd
+
+    tok = byte_tokenizer()
+    planning = held_apart_ids(code_file, tok, 4, 32, seed=0)
+    model = sharp_tiny_model("qwen3_moe")
+    config = RouterKDConfig(steps=6, lr=1e-2, samples=[8, 2], top_k=8, val_samples=6)
+    choice = prepare_kd_choice(model, tok, config, code_file, 32, seed=0, planning_ids=planning, progress=False)
+    apply(model, plan(calibrate(model, planning, progress=False), "frequency", 0.5, model=model))
+    alone = []
+    for candidate in choice.candidates:
+        trained = copy.deepcopy(model)
+        run_router_kd(trained, candidate, progress=False, measure=False)
+        alone.append(_routers(trained))
+    report = run_kd_choice(model, choice, progress=False)
+    kls = [row["kl"] for row in report["choice"]["candidates"]]
+    winner = kls.index(min(kls))
+    routers = _routers(model)
+    for i, other in enumerate(alone):
+        assert all(torch.equal(routers[k], v) for k, v in other.items()) == (i == winner), i
 
 
 def test_cli_router_kd_samples_list(tmp_path, code_file):
@@ -102,7 +129,7 @@ def test_cli_router_kd_samples_list(tmp_path, code_file):
             "-o", str(tmp_path / "out")]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "router KD samples chosen by validation KL on 32 held-apart sequences" in result.output
+    assert "router KD samples chosen by validation KL on 32 sequences of" in result.output
     saved = json.loads((tmp_path / "out" / "moeprune_plan.json").read_text())["params"]["router_kd"]
     assert [row["samples"] for row in saved["choice"]["candidates"]] == [2, 4]
     assert saved["sequences"] == saved["choice"]["selected"]["samples"]

@@ -8,11 +8,14 @@ and let evidence decide, the way `--strategy auto` chooses a strategy:
     ... apply the plan, sparsify ...
     report = run_kd_choice(model, choice)                       # compressed: the best routers kept
 
-1. Before compression, each candidate count gets exactly the tokens and teacher cache a recipe with
-   that one count would get (`prepare_router_kd`), so the chosen model equals that recipe's model.
-2. The validation sequences come from the same source and packing, drawn apart from the planning
-   tokens and from every candidate's training tokens (`held_apart_ids`), and the dense model's top-k
-   next-token distributions on them are cached too.
+1. Before compression, whole documents of the KD source are held out for validation (seeded,
+   `kd_data.validation_documents`), and the dense model's top-k next-token distributions on
+   `val_samples` windows of them are cached. Validating on windows of the training documents, next
+   to the windows a candidate trained on, favoured the larger count on both bundled models (the
+   largest candidate covered most of the text) while held-out KL favoured the smaller one on
+   tiny-moe-64 (README, "Router KD with the sample count chosen").
+2. Each candidate count gets the tokens and teacher cache a recipe with that one count would get
+   from the remaining documents (`prepare_router_kd(..., skip_documents=)`).
 3. After compression, each candidate trains on its own copy of the compressed model and is scored by
    the mean KL(dense || candidate) on the validation cache (`cache_kl`). The lowest KL wins (ties: the
    earlier count); its router parameters are copied into the model.
@@ -31,7 +34,7 @@ import torch
 from torch import nn
 
 from moeprune.recover.config import RouterKDConfig
-from moeprune.recover.kd_data import held_apart_ids
+from moeprune.recover.kd_data import validation_documents
 from moeprune.recover.router_kd import cache_kl
 from moeprune.recover.router_params import router_parameters
 from moeprune.recover.run import RouterKDPrep, prepare_router_kd, run_router_kd
@@ -39,7 +42,7 @@ from moeprune.recover.teacher_cache import TeacherCache, build_teacher_cache
 
 __all__ = ["KDChoice", "prepare_kd_choice", "run_kd_choice"]
 
-METRIC = "mean KL(dense || candidate) of top-k next-token distributions on held-apart validation sequences"
+METRIC = "mean KL(dense || candidate) of top-k next-token distributions on sequences of held-out documents"
 
 
 @dataclass
@@ -49,26 +52,21 @@ class KDChoice:
     info: dict[str, Any]
 
 
-def _excluded(tensors: list[torch.Tensor], seq_len: int) -> torch.Tensor | None:
-    rows = [t for t in tensors if t is not None and t.shape[-1] == seq_len]
-    return torch.cat(rows) if rows else None
-
-
 def prepare_kd_choice(
     model: nn.Module, tokenizer: Any, config: RouterKDConfig, source: str, seq_len: int, seed: int,
     planning_ids: torch.Tensor | None = None, batch_size: int = 8, progress: bool = True,
 ) -> KDChoice:
-    """Run on the UNCOMPRESSED model: every candidate's teacher cache and the validation cache."""
-    candidates = [prepare_router_kd(model, tokenizer, config.with_samples(n), source, seq_len, seed,
-                                    planning_ids=planning_ids, batch_size=batch_size, progress=progress)
-                  for n in config.sample_choices]
-    first = candidates[0]
-    kd_len = first.info["seq_len"]
-    exclude = _excluded([planning_ids] + [c.cache.input_ids for c in candidates], kd_len)
-    val_ids = held_apart_ids(first.info["source"], tokenizer, config.val_samples, kd_len, first.seed, exclude=exclude)
+    """Run on the UNCOMPRESSED model: the validation cache and every candidate's teacher cache."""
+    source, seq_len = config.source or source, config.seq_len or seq_len
+    seed = config.seed if config.seed is not None else seed
+    documents, val_ids = validation_documents(source, tokenizer, config.val_samples, seq_len, seed)
     validation = build_teacher_cache(model, val_ids, k=config.top_k, batch_size=batch_size, progress=progress)
-    info = {"metric": METRIC, "source": first.info["source"], "sequences": config.val_samples, "seq_len": kd_len,
-            "seed": first.seed}
+    candidates = [prepare_router_kd(model, tokenizer, config.with_samples(n), source, seq_len, seed,
+                                    planning_ids=planning_ids, batch_size=batch_size, progress=progress,
+                                    skip_documents=documents)
+                  for n in config.sample_choices]
+    info = {"metric": METRIC, "source": source, "sequences": config.val_samples, "seq_len": seq_len, "seed": seed,
+            "documents": len(documents)}
     return KDChoice(candidates, validation, info)
 
 

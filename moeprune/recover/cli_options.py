@@ -35,8 +35,8 @@ router_kd_options = recipe_option_group("router_kd_overrides", _OPTIONS, [
     click.option("--router-kd-batch-size", type=int, help="Router KD sequences per step (default 2)."),
     click.option("--router-kd-samples", metavar="N[,N...]",
                  help="Router-calibration sequences, held apart from planning (default 64). Several counts "
-                      "(64,512): KD runs once per count and the lowest KL to the dense model on held-apart "
-                      "validation sequences wins."),
+                      "(64,512): KD runs once per count and the lowest KL to the dense model on sequences of "
+                      "held-out documents wins."),
     click.option("--router-kd-top-k", type=int, help="Teacher log-probs cached per token (default 64, plus the tail mass)."),
     click.option("--router-kd-temperature", type=float, help="KD temperature tau (default 1)."),
     click.option("--router-kd-seed", type=int, help="Seed for router-calibration tokens and batch order (default --seed)."),
@@ -62,6 +62,6 @@ def describe_report(report: dict) -> str:
     if "choice" in report:
         c = report["choice"]
         tried = ", ".join(f"{row['samples']}: {row['kl']:.4f}" for row in c["candidates"])
-        lines.append(f"router KD samples chosen by validation KL on {c['sequences']} held-apart sequences "
+        lines.append(f"router KD samples chosen by validation KL on {c['sequences']} sequences of {c['documents']} held-out documents "
                      f"(uncalibrated {c['kl_uncalibrated']:.4f}; {tried}) -> {c['selected']['samples']}")
     return "\n".join(lines)

@@ -18,9 +18,9 @@ class RouterKDConfig(BaseModel):
 
     `samples` as a list (e.g. `[64, 512]`) runs global KD once per sample count, each on its own
     copy of the compressed model, and keeps the one with the lowest KL to the dense model on
-    `val_samples` further sequences of the same source, held apart from the planning and from every
-    candidate's training tokens (`moeprune.recover.choose`; the README's "Router KD on more text"
-    found the best count differs between the bundled models).
+    `val_samples` sequences of whole documents of the same source that no candidate trains on
+    (`moeprune.recover.choose`; the README's "Router KD on more text" found the best count differs
+    between the bundled models).
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -13,6 +13,7 @@ no longer needed, so compression can happen in place.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,14 +41,16 @@ class RouterKDPrep:
 def prepare_router_kd(
     model: nn.Module, tokenizer: Any, config: RouterKDConfig, source: str, seq_len: int, seed: int,
     planning_ids: torch.Tensor | None = None, batch_size: int = 8, progress: bool = True,
+    skip_documents: Collection[int] = (),
 ) -> RouterKDPrep:
-    """Run on the UNCOMPRESSED model: draw held-apart tokens and cache the teacher's outputs."""
+    """Run on the UNCOMPRESSED model: draw held-apart tokens (none from `skip_documents`) and cache
+    the teacher's outputs."""
     if isinstance(config.samples, list):
         raise ValueError("prepare_router_kd takes one sample count; a list is a choice (moeprune.recover.choose)")
     started = time.perf_counter()
     seed = config.seed if config.seed is not None else seed
     ids = held_apart_ids(config.source or source, tokenizer, config.samples, config.seq_len or seq_len, seed,
-                         exclude=planning_ids)
+                         exclude=planning_ids, skip_documents=skip_documents)
     prep = RouterKDPrep(config, seed)
     if config.steps > 0:
         prep.cache = build_teacher_cache(model, ids, k=config.top_k, temperature=config.temperature,
