@@ -4,8 +4,8 @@ For each model (default: both bundled models, coarse tiny-moe and fine-grained t
 calibration per seed (``--samples`` x ``--seq-len`` tokens of builtin:mixed, train split) is
 reused by every registered strategy (``available_strategies()``, minus ``SKIP``) at every ratio
 (0.75 only where the kept experts still cover top-k); a calibration-size sweep (16k/64k/256k
-tokens) runs for ``--sweep-strategies``; ``RECIPE_ROWS`` (PruneRecipe dicts, run through
-``moeprune.api.prune``; other features append rows here) run per seed too. Every pruned model is
+tokens) runs for ``--sweep-strategies``; ``RECIPE_ROWS`` (in ``bench_quality_rows.py``: PruneRecipe
+dicts run through ``moeprune.api.prune``; other features append rows there) run per seed too. Every pruned model is
 measured on four held-out sets (built-in held-out code/prose, third-party code/prose nobody trained
 on), against the dense model's cached log-probabilities (top-1 agreement, KL) and on the offline
 multiple-choice tasks (``acc_mutual_info``; chance 0.25; retention = pruned / dense accuracy).
@@ -50,52 +50,8 @@ SETS = {"code": "code", "prose": "prose", "3p code": "third-party-code", "3p pro
 # Strategies that need inputs the benchmark does not have (or special arguments): name -> why.
 SKIP: dict[str, str] = {"unified": "its defaults (b, alpha, beta) = (1, 0, 1) are MAN: identical plans"}
 STRATEGY_PARAMS: dict[str, dict[str, Any]] = {}  # extra plan() params per strategy, if any needs them
-KD = {"steps": 100, "lr": 1e-3}  # global Router KD as measured in scripts/bench_router_kd.py
-# Extra rows: PruneRecipe fields (model and calibration seed are filled in per run). "pick": "auto"
-# runs `auto` restricted to the strategy the row named "auto" picked for that seed (same planning /
-# validation split, so the same plan) instead of comparing every candidate again; "group_ratio" files a
-# row under another ratio (slimming half of the channels removes as many weights as dropping half of
-# the experts); "tasks" scores the tasks whatever --task-ratios says.
-RECIPE_ROWS: list[dict[str, Any]] = [
-    {"name": "auto", "strategy": "auto", "ratio": 0.5},
-    {"name": "auto + router-kd", "pick": "auto", "strategy": "auto", "ratio": 0.5, "router_kd": KD},
-    {"name": "auto, 3p validation", "strategy": "auto", "ratio": 0.5,
-     "auto": {"val_source": "builtin:third-party-mixed"}},
-    {"name": "auto, 3p validation + router-kd", "pick": "auto, 3p validation", "strategy": "auto", "ratio": 0.5,
-     "auto": {"val_source": "builtin:third-party-mixed"}, "router_kd": KD},
-    {"name": "soft-frequency + router-kd", "strategy": "soft-frequency", "ratio": 0.5, "router_kd": KD},
-    {"name": "mone + router-kd", "strategy": "mone", "ratio": 0.5, "router_kd": KD},
-    {"name": "mone + router-kd on 3p text", "strategy": "mone", "ratio": 0.5,  # what auto (3p validation) picked
-     "router_kd": {**KD, "source": "builtin:third-party-mixed"}},
-    {"name": "mone, soft-frequency survivors", "strategy": "mone", "ratio": 0.5, "params": {"rank": "soft-frequency"}},
-    {"name": "mone, soft-frequency survivors + router-kd", "strategy": "mone", "ratio": 0.5,
-     "params": {"rank": "soft-frequency"}, "router_kd": KD},
-    {"name": "mone + router-kd, lr 3e-4", "strategy": "mone", "ratio": 0.5, "router_kd": {**KD, "lr": 3e-4}},
-    {"name": "mone + router-kd, lr 3e-4 on 3p text", "strategy": "mone", "ratio": 0.5,
-     "router_kd": {**KD, "lr": 3e-4, "source": "builtin:third-party-mixed"}},
-    {"name": "mone + router-kd, lr 3e-4 on broad text", "strategy": "mone", "ratio": 0.5,  # own + 3p text, half each
-     "router_kd": {**KD, "lr": 3e-4, "source": "builtin:broad-mixed"}},
-    {"name": "mone + router-kd, 300 steps, lr 3e-4 on broad text", "strategy": "mone", "ratio": 0.5,
-     "router_kd": {**KD, "steps": 300, "lr": 3e-4, "source": "builtin:broad-mixed"}},
-    {"name": "mone + router-kd, 1000 steps, lr 3e-4 on broad text", "strategy": "mone", "ratio": 0.5,
-     "router_kd": {**KD, "steps": 1000, "lr": 3e-4, "source": "builtin:broad-mixed"}},
-    {"name": "mone + router-kd, 1000 steps, 512 samples, lr 3e-4 on broad text", "strategy": "mone", "ratio": 0.5,
-     "router_kd": {**KD, "steps": 1000, "lr": 3e-4, "samples": 512, "source": "builtin:broad-mixed"}},
-    {"name": "mone + router-kd, 1000 steps, 64 or 512 samples by KL on held-out documents, lr 3e-4 on broad text",
-     "strategy": "mone", "ratio": 0.5,  # moeprune.recover.choose: one recipe, the count chosen per model and seed
-     "router_kd": {**KD, "steps": 1000, "lr": 3e-4, "samples": [64, 512], "source": "builtin:broad-mixed"}},
-    {"name": "mone + router-kd, 30 steps", "strategy": "mone", "ratio": 0.5, "router_kd": {**KD, "steps": 30}},
-    {"name": "reap + sparsegpt 50%", "strategy": "reap", "ratio": 0.5,
-     "sparsify": {"method": "sparsegpt", "sparsity": 0.5}},
-    {"name": "auto + sparsegpt 50% + router-kd", "pick": "auto", "strategy": "auto", "ratio": 0.5,
-     "sparsify": {"method": "sparsegpt", "sparsity": 0.5}, "router_kd": KD},
-    {"name": "premoe, code-task calibration", "strategy": "premoe", "ratio": 0.5,
-     "calibration": {"source": "builtin:code"}},
-    {"name": "camera slim 50% of channels", "strategy": "frequency", "ratio": 0.0,
-     "slim": {"ratio": 0.5, "method": "camera"}, "group_ratio": 0.5},
-    {"name": "dynamic skip (all experts kept)", "strategy": "frequency", "ratio": 0.0, "dynamic_skip": True,
-     "tasks": True},
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_quality_rows
+from bench_quality_rows import RECIPE_ROWS  # noqa: E402
 RANK_METRIC = "3p code ppl"
 
 

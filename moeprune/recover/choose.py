@@ -10,10 +10,9 @@ and let evidence decide, the way `--strategy auto` chooses a strategy:
 
 1. Before compression, whole documents of the KD source are held out for validation (seeded,
    `kd_data.validation_documents`), and the dense model's top-k next-token distributions on
-   `val_samples` windows of them are cached. Validating on windows of the training documents, next
-   to the windows a candidate trained on, favoured the larger count on both bundled models (the
-   largest candidate covered most of the text) while held-out KL favoured the smaller one on
-   tiny-moe-64 (README, "Router KD with the sample count chosen").
+   `val_samples` windows of them are cached. Whole documents, because an unused window of a training
+   document sits next to the windows a candidate trained on: with 512 of broad text's ~600 windows
+   drawn, such a window measures how well the candidate fits text it has mostly seen.
 2. Each candidate count gets the tokens and teacher cache a recipe with that one count would get
    from the remaining documents (`prepare_router_kd(..., skip_documents=)`).
 3. After compression, each candidate trains on its own copy of the compressed model and is scored by
