@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from moeprune.adapters.layout import NOVICE_MAP_BUFFER, ExpertLayout, RoutingInfo, identity_experts, routing_info
-from moeprune.adapters.shims import install_shims, unsupported_reason
+from moeprune.adapters.shims import install_shims, per_expert_submodule, unsupported_reason
 
 SHARED_EXPERT_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
 SHARED_GATE_NAMES = ("shared_expert_gate",)
@@ -125,6 +125,8 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     for name, module in model.named_modules():
         if not _is_fused_experts(module):
             continue
+        if (reason := per_expert_submodule(module)) is not None:
+            raise NotAnMoEModelError(f"{type(model).__name__}: {reason}")
         block_name = name.rsplit(".", 1)[0] if "." in name else ""
         block = model.get_submodule(block_name) if block_name else model
         num_experts = ExpertLayout.of(module).num_experts

@@ -229,8 +229,7 @@ def _shim_jetmoe(block: nn.Module) -> None:
 def _shim_longcat(block: nn.Module) -> None:
     from moeprune.adapters.longcat import shim_longcat
 
-    shim_longcat(block, _subclass)
-    block.__class__ = _subclass(type(block), {})  # marks the block shimmed (install_shims is idempotent)
+    shim_longcat(block, _subclass)  # re-classes the block too (marks it shimmed: install_shims is idempotent)
 
 
 def _shim_step3p7(block: nn.Module) -> None:
@@ -325,4 +324,21 @@ def unsupported_reason(model: nn.Module) -> str | None:
         reason = UNSUPPORTED_BLOCKS.get(type(module).__name__)
         if reason is not None:
             return reason
+    return None
+
+
+def per_expert_submodule(experts: nn.Module) -> str | None:
+    """Why an experts module cannot be pruned when a submodule of it holds per-expert parameters
+    (Ergo's post-expert RMSNorm `post_expert_norm.weight [E, H]`): surgery slices only the experts'
+    own tensors, so the pruned model would keep every expert's row there."""
+    own = experts._parameters.get("gate_up_proj") if "gate_up_proj" in experts._parameters else \
+        experts._parameters.get("up_proj")
+    if own is None or own.dim() != 3:
+        return None
+    for child_name, child in experts.named_children():
+        for name, param in child.named_parameters():
+            if param.dim() >= 2 and param.shape[0] == own.shape[0]:
+                return (f"{type(experts).__name__} holds per-expert parameters in a submodule "
+                        f"({child_name}.{name} {list(param.shape)}, {type(child).__name__}) that moeprune does not "
+                        "prune yet")
     return None

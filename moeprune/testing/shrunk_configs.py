@@ -44,7 +44,7 @@ FORCED = ("n_routed_experts", "num_experts", "num_experts_per_tok", "n_shared_ex
 FAMILY_FIELDS: dict[str, dict[str, object]] = {
     "gemma4": {"enable_moe_block": True}, "doge": {"is_moe": True}, "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
     "granitemoehybrid": {"mamba_n_heads": 8, "layer_types": ["linear_attention", "full_attention"]},
-    "dots3_note": {"head_dim": 16}, "mistral4": {"head_dim": 16},
+    "dots3_note": {"head_dim": 16}, "mistral4": {"head_dim": 16}, "kolibri1_1": {"head_dim": 16, "index_num_heads": 2},  # NVFP4 KV rounding
     "glm4v_moe": {"rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.5, "rope_type": "default",
                                       "mrope_section": [1, 0, 1]}},
     "hy_v4_vl": {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default", "mrope_section": [2, 1, 1]}}, "zaya": {"num_experts_per_tok": 1},
