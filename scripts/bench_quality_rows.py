@@ -42,6 +42,9 @@ RECIPE_ROWS: list[dict[str, Any]] = [
     {"name": "mone + router-kd, 1000 steps, 64 or 512 samples by KL on held-out documents, lr 3e-4 on broad text",
      "strategy": "mone", "ratio": 0.5,  # moeprune.recover.choose: one recipe, the count chosen per model and seed
      "router_kd": {**KD, "steps": 1000, "lr": 3e-4, "samples": [64, 512], "source": "builtin:broad-mixed"}},
+    {"name": "mone + router-kd, 1000 steps, 64 or 512 samples or their mean by KL on held-out documents, lr 3e-4 on broad text",
+     "strategy": "mone", "ratio": 0.5,  # the same two candidates, and the mean of their routers as a third
+     "router_kd": {**KD, "steps": 1000, "lr": 3e-4, "samples": [64, 512], "average": True, "source": "builtin:broad-mixed"}},
     {"name": "mone + router-kd, 30 steps", "strategy": "mone", "ratio": 0.5, "router_kd": {**KD, "steps": 30}},
     {"name": "reap + sparsegpt 50%", "strategy": "reap", "ratio": 0.5,
      "sparsify": {"method": "sparsegpt", "sparsity": 0.5}},

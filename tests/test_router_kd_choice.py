@@ -135,3 +135,42 @@ def test_cli_router_kd_samples_list(tmp_path, code_file):
     assert saved["sequences"] == saved["choice"]["selected"]["samples"]
     bad = CliRunner().invoke(main, args[:-2] + ["--router-kd-samples", "2,2", "-o", str(tmp_path / "out2")])
     assert bad.exit_code != 0 and "distinct counts" in bad.output
+
+
+def test_the_average_of_the_candidates_is_scored_and_kept_when_lowest(code_file):
+    from moeprune import apply, calibrate, plan
+    from moeprune.recover.choose import prepare_kd_choice, run_kd_choice
+    from moeprune.recover.config import RouterKDConfig
+    from moeprune.recover.kd_data import held_apart_ids
+    from moeprune.recover.router_kd import cache_kl
+    from moeprune.recover.run import run_router_kd
+
+    with pytest.raises(ValueError, match="give samples as a list"):
+        RouterKDConfig(steps=1, samples=64, average=True)
+    tok = byte_tokenizer()
+    planning = held_apart_ids(code_file, tok, 4, 32, seed=0)
+    model = sharp_tiny_model("qwen3_moe")
+    config = RouterKDConfig(steps=6, lr=1e-2, samples=[8, 2], top_k=8, val_samples=6, average=True)
+    choice = prepare_kd_choice(model, tok, config, code_file, 32, seed=0, planning_ids=planning, progress=False)
+    apply(model, plan(calibrate(model, planning, progress=False), "frequency", 0.5, model=model))
+    alone = []
+    for candidate in choice.candidates:
+        trained = copy.deepcopy(model)
+        run_router_kd(trained, candidate, progress=False, measure=False)
+        alone.append(_routers(trained))
+    soup = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in soup.named_parameters():
+            if name in alone[0]:
+                param.copy_((alone[0][name] + alone[1][name]) / 2)
+    soup_kl = cache_kl(soup, choice.validation)
+    report = run_kd_choice(model, choice, progress=False)
+    rows = report["choice"]["candidates"]
+    assert [row["samples"] for row in rows] == [8, 2, "mean of [8, 2]"]
+    assert rows[2]["kl"] == pytest.approx(soup_kl, rel=1e-6)
+    kls = [row["kl"] for row in rows]
+    winner = kls.index(min(kls))
+    expected = _routers(soup) if winner == 2 else alone[winner]
+    routers = _routers(model)
+    assert all(torch.allclose(routers[k], v, rtol=0, atol=1e-7) for k, v in expected.items())
+    assert report["choice"]["selected"]["samples"] == rows[winner]["samples"]

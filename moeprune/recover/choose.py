@@ -16,8 +16,9 @@ and let evidence decide, the way `--strategy auto` chooses a strategy:
 2. Each candidate count gets the tokens and teacher cache a recipe with that one count would get
    from the remaining documents (`prepare_router_kd(..., skip_documents=)`).
 3. After compression, each candidate trains on its own copy of the compressed model and is scored by
-   the mean KL(dense || candidate) on the validation cache (`cache_kl`). The lowest KL wins (ties: the
-   earlier count); its router parameters are copied into the model.
+   the mean KL(dense || candidate) on the validation cache (`cache_kl`). With `average: true` the
+   mean of the candidates' router parameters is scored too (a uniform soup). The lowest KL wins
+   (ties: the earlier candidate, the soup last); its router parameters are copied into the model.
 
 Memory: the compressed model plus one copy at a time, and one teacher cache per candidate.
 """
@@ -49,6 +50,7 @@ class KDChoice:
     candidates: list[RouterKDPrep]
     validation: TeacherCache
     info: dict[str, Any]
+    average: bool = False
 
 
 def prepare_kd_choice(
@@ -66,35 +68,48 @@ def prepare_kd_choice(
                   for n in config.sample_choices]
     info = {"metric": METRIC, "source": source, "sequences": config.val_samples, "seq_len": seq_len, "seed": seed,
             "documents": len(documents)}
-    return KDChoice(candidates, validation, info)
+    return KDChoice(candidates, validation, info, average=config.average)
 
 
 def run_kd_choice(model: nn.Module, choice: KDChoice, progress: bool = True) -> dict[str, Any]:
     """Train every candidate on a copy of the compressed `model`, keep the best routers in `model`.
 
-    Returns the selected candidate's router-KD report with a `choice` entry: the validation set,
-    every candidate's sample count and validation KL, the uncalibrated model's KL, and the selection.
+    Returns the selected candidate's router-KD report (for the soup: the first candidate's, its
+    training curves) with a `choice` entry: the validation set, every candidate's sample count and
+    validation KL, the uncalibrated model's KL, and the selection.
     """
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    best: tuple[float, dict[str, torch.Tensor], dict[str, Any]] | None = None
+    trained: list[tuple[float, dict[str, torch.Tensor], dict[str, Any]]] = []
     uncalibrated = cache_kl(model, choice.validation)
     for prep in choice.candidates:
         candidate = copy.deepcopy(model)
         report = run_router_kd(candidate, prep, progress=progress)
         kl = cache_kl(candidate, choice.validation)
         rows.append({"samples": prep.config.samples, "kl": kl, "seconds": report["global"]["seconds"]})
-        if best is None or kl < best[0]:
-            routers = {name: p.detach().clone() for name, p in router_parameters(candidate).items()}
-            best = (kl, routers, report)
+        trained.append((kl, {name: p.detach().clone() for name, p in router_parameters(candidate).items()}, report))
         del candidate
-    assert best is not None  # at least one candidate (RouterKDConfig.sample_choices)
-    kl, routers, report = best
-    with torch.no_grad():
-        for name, param in router_parameters(model).items():
-            param.copy_(routers[name])
+    assert trained  # at least one candidate (RouterKDConfig.sample_choices)
+    best = min(range(len(trained)), key=lambda i: (trained[i][0], i))
+    kl, routers, report = trained[best]
+    selected: dict[str, Any] = {"samples": report["sequences"], "kl": kl}
+    if choice.average:
+        soup = {name: torch.stack([t[1][name] for t in trained]).mean(dim=0) for name in routers}
+        _load_routers(model, soup)
+        soup_kl = cache_kl(model, choice.validation)
+        counts = [row["samples"] for row in rows]
+        rows.append({"samples": f"mean of {counts}", "kl": soup_kl})
+        if soup_kl < kl:
+            kl, routers, report = soup_kl, soup, trained[0][2]
+            selected = {"samples": f"mean of {counts}", "kl": kl, "average": True}
+    _load_routers(model, routers)
     report = dict(report)
     report["choice"] = {**choice.info, "kl_uncalibrated": uncalibrated, "candidates": rows,
-                        "selected": {"samples": report["sequences"], "kl": kl},
-                        "seconds": round(time.perf_counter() - started, 3)}
+                        "selected": selected, "seconds": round(time.perf_counter() - started, 3)}
     return report
+
+
+def _load_routers(model: nn.Module, routers: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, param in router_parameters(model).items():
+            param.copy_(routers[name].to(param.dtype))

@@ -17,6 +17,7 @@ _OPTIONS = {
     "router_kd_lr": "router_kd.lr",
     "router_kd_batch_size": "router_kd.batch_size",
     "router_kd_samples": "router_kd.samples",
+    "router_kd_average": "router_kd.average",
     "router_kd_top_k": "router_kd.top_k",
     "router_kd_temperature": "router_kd.temperature",
     "router_kd_seed": "router_kd.seed",
@@ -37,6 +38,9 @@ router_kd_options = recipe_option_group("router_kd_overrides", _OPTIONS, [
                  help="Router-calibration sequences, held apart from planning (default 64). Several counts "
                       "(64,512): KD runs once per count and the lowest KL to the dense model on sequences of "
                       "held-out documents wins."),
+    click.option("--router-kd-average/--no-router-kd-average", "router_kd_average", default=None,
+                 help="With several --router-kd-samples: also try the mean of their trained routers (kept if its "
+                      "validation KL is the lowest)."),
     click.option("--router-kd-top-k", type=int, help="Teacher log-probs cached per token (default 64, plus the tail mass)."),
     click.option("--router-kd-temperature", type=float, help="KD temperature tau (default 1)."),
     click.option("--router-kd-seed", type=int, help="Seed for router-calibration tokens and batch order (default --seed)."),

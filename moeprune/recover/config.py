@@ -20,7 +20,9 @@ class RouterKDConfig(BaseModel):
     copy of the compressed model, and keeps the one with the lowest KL to the dense model on
     `val_samples` sequences of whole documents of the same source that no candidate trains on
     (`moeprune.recover.choose`; the README's "Router KD on more text" found the best count differs
-    between the bundled models).
+    between the bundled models). `average: true` adds one more candidate, the mean of the trained
+    candidates' router parameters (every candidate starts from the same compressed routers, so
+    their mean is a "soup" of fine-tunes of one start), scored the same way.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -31,6 +33,7 @@ class RouterKDConfig(BaseModel):
     top_k: int = Field(64, ge=1)
     samples: int | list[int] = 64
     val_samples: int = Field(32, ge=1)
+    average: bool = False
     seq_len: int | None = Field(None, ge=2)
     source: str | None = None
     seed: int | None = None
@@ -64,6 +67,9 @@ class RouterKDConfig(BaseModel):
         if isinstance(self.samples, list) and (self.steps == 0 or self.local):
             raise ValueError("router_kd.samples as a list chooses among global KD runs by validation KL; it needs "
                              "steps > 0 and local: false")
+        if self.average and not isinstance(self.samples, list):
+            raise ValueError("router_kd.average averages the routers of several sample counts; give samples as a "
+                             "list (e.g. [64, 512])")
         return self
 
     @property
