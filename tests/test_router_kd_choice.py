@@ -91,9 +91,11 @@ def test_the_lowest_validation_kl_wins_and_equals_the_one_count_recipe(code_file
     assert all(torch.equal(routers[k], v) for k, v in _routers(again.model).items())
 
 
-def test_the_winners_routers_are_copied_back(code_file):
+def _compressed_with_trained_candidates(code_file: str, **config):
+    """A compressed sharp tiny model, its KD choice (candidates 8 and 2 sequences), and each
+    candidate's routers trained alone on a copy."""
     from moeprune import apply, calibrate, plan
-    from moeprune.recover.choose import prepare_kd_choice, run_kd_choice
+    from moeprune.recover.choose import prepare_kd_choice
     from moeprune.recover.config import RouterKDConfig
     from moeprune.recover.kd_data import held_apart_ids
     from moeprune.recover.run import run_router_kd
@@ -101,14 +103,21 @@ def test_the_winners_routers_are_copied_back(code_file):
     tok = byte_tokenizer()
     planning = held_apart_ids(code_file, tok, 4, 32, seed=0)
     model = sharp_tiny_model("qwen3_moe")
-    config = RouterKDConfig(steps=6, lr=1e-2, samples=[8, 2], top_k=8, val_samples=6)
-    choice = prepare_kd_choice(model, tok, config, code_file, 32, seed=0, planning_ids=planning, progress=False)
+    kd = RouterKDConfig(steps=6, lr=1e-2, samples=[8, 2], top_k=8, val_samples=6, **config)
+    choice = prepare_kd_choice(model, tok, kd, code_file, 32, seed=0, planning_ids=planning, progress=False)
     apply(model, plan(calibrate(model, planning, progress=False), "frequency", 0.5, model=model))
     alone = []
     for candidate in choice.candidates:
         trained = copy.deepcopy(model)
         run_router_kd(trained, candidate, progress=False, measure=False)
         alone.append(_routers(trained))
+    return model, choice, alone
+
+
+def test_the_winners_routers_are_copied_back(code_file):
+    from moeprune.recover.choose import run_kd_choice
+
+    model, choice, alone = _compressed_with_trained_candidates(code_file)
     report = run_kd_choice(model, choice, progress=False)
     kls = [row["kl"] for row in report["choice"]["candidates"]]
     winner = kls.index(min(kls))
@@ -138,26 +147,13 @@ def test_cli_router_kd_samples_list(tmp_path, code_file):
 
 
 def test_the_average_of_the_candidates_is_scored_and_kept_when_lowest(code_file):
-    from moeprune import apply, calibrate, plan
-    from moeprune.recover.choose import prepare_kd_choice, run_kd_choice
+    from moeprune.recover.choose import run_kd_choice
     from moeprune.recover.config import RouterKDConfig
-    from moeprune.recover.kd_data import held_apart_ids
     from moeprune.recover.router_kd import cache_kl
-    from moeprune.recover.run import run_router_kd
 
     with pytest.raises(ValueError, match="give samples as a list"):
         RouterKDConfig(steps=1, samples=64, average=True)
-    tok = byte_tokenizer()
-    planning = held_apart_ids(code_file, tok, 4, 32, seed=0)
-    model = sharp_tiny_model("qwen3_moe")
-    config = RouterKDConfig(steps=6, lr=1e-2, samples=[8, 2], top_k=8, val_samples=6, average=True)
-    choice = prepare_kd_choice(model, tok, config, code_file, 32, seed=0, planning_ids=planning, progress=False)
-    apply(model, plan(calibrate(model, planning, progress=False), "frequency", 0.5, model=model))
-    alone = []
-    for candidate in choice.candidates:
-        trained = copy.deepcopy(model)
-        run_router_kd(trained, candidate, progress=False, measure=False)
-        alone.append(_routers(trained))
+    model, choice, alone = _compressed_with_trained_candidates(code_file, average=True)
     soup = copy.deepcopy(model)
     with torch.no_grad():
         for name, param in soup.named_parameters():
