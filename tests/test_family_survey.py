@@ -22,7 +22,7 @@ EXPECTED_OK = {
     "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_moe", "qwen3_next", "qwen4_exp", "solar_open", "zaya",
     "qwen3_vl_moe", "mistral_large4", "step3p7", "mistral4", "glm4v_moe", "hy_v4_vl",  # image-text-to-text
     "deepseek_ocr2", "glm5_next", "muse_spark", "unlimited_ocr",
-    "kolibri1_1", "minicpm5_moe",  # new in transformers 5.25
+    "kolibri1_1", "minicpm5_moe", "ergo",  # new in transformers 5.25 (ergo: a per-expert output norm)
 }
 
 
@@ -57,8 +57,6 @@ def test_refusals_are_one_line(results):
     assert "doge" in refused and "product keys" in refused["doge"]
     if "ernie4_5_vl_moe" in results:  # text and vision experts in one layer, one expert count for both
         assert "2 expert sets" in refused["ernie4_5_vl_moe"]
-    if "ergo" in results:  # transformers 5.25: a per-expert RMSNorm in a submodule of the experts
-        assert "post_expert_norm.weight" in refused["ergo"]
     assert all("\n" not in why for why in refused.values())
 
 
@@ -306,3 +304,58 @@ def test_image_text_to_text_moe_prunes_its_text_model_through_the_cli(tmp_path):
     assert vision and all(torch.equal(a[k], source[k]) for k in vision)
     reloaded = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "--offload")
     assert type(reloaded).__name__ == type(model).__name__ and reloaded.config.text_config.num_experts == 4
+
+
+def test_a_per_expert_output_norm_is_calibrated_sliced_and_merged():
+    """Ergo (transformers 5.25) passes each route's output through its expert's own RMSNorm
+    (`experts.post_expert_norm.weight [E, H]`): calibration's routed forward applies it, surgery
+    slices it with the experts, a merge averages it; an unknown per-expert submodule is refused."""
+    import copy
+
+    from moeprune.adapters import find_moe_layers
+    from moeprune.adapters.discovery import NotAnMoEModelError
+    from moeprune.apply.merge import merge_groups
+    from moeprune.apply.surgery import slice_layer
+    from moeprune.calibration.capture import routed_forward
+    from moeprune.plan import LayerPlan
+    from moeprune.testing.family_survey import seeded_model
+    from moeprune.testing.shrunk_configs import shrunk_config
+
+    _installed("ergo")
+    model = seeded_model(shrunk_config("ergo"))
+    layer = find_moe_layers(model)[0]
+    experts, norm = layer.experts, layer.experts.post_expert_norm
+    assert norm.weight.shape == (8, 32) and norm.weight.std() > 0  # seeded, not all ones
+    hidden = torch.randn(6, 32)
+    index = torch.tensor([[0, 3], [5, 3], [7, 1], [2, 6], [1, 0], [4, 7]])
+    weights = torch.rand(6, 2)
+    sink_outputs = []
+    with torch.no_grad():
+        stock = experts(hidden, index, weights)
+        ours = routed_forward(experts, hidden, index, weights,
+                              sink=lambda ids, tokens, gates, act, out, *rest: sink_outputs.append((ids, tokens, out)))
+    torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)
+    ids, tokens, out = sink_outputs[0]
+    with torch.no_grad():  # the sink's outputs are normed ones: expert ids[0] alone on token tokens[0]
+        alone = experts(hidden[tokens[:1]], ids[:1].view(1, 1), torch.ones(1, 1))
+    torch.testing.assert_close(out[:1], alone, rtol=0, atol=1e-5)
+
+    merged = copy.deepcopy(layer)
+    lp = LayerPlan(layer=layer.layer, num_experts=8, kept=[2, 0, 1, 3], groups=[[2, 4], [0, 5], [1, 6], [3, 7]],
+                   group_weights=[[3.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    before = norm.weight.detach().clone()
+    merge_groups(merged, lp)
+    slice_layer(merged, lp.kept)
+    after = merged.experts.post_expert_norm.weight
+    assert after.shape == (4, 32)
+    torch.testing.assert_close(after[0], 0.75 * before[2] + 0.25 * before[4])
+    torch.testing.assert_close(after[2], before[1])
+
+    class Scale(nn.Module):  # a per-expert tensor moeprune does not know
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8, 32))
+
+    experts.route_scale = Scale()
+    with pytest.raises(NotAnMoEModelError, match="route_scale.weight"):
+        find_moe_layers(model)

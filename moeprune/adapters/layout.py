@@ -34,6 +34,20 @@ def identity_experts(experts: nn.Module) -> int:
     return int(getattr(experts, IDENTITY_EXPERTS_ATTR, 0) or 0)
 
 
+def per_expert_post_norm(experts: nn.Module) -> nn.Module | None:
+    """The experts' per-expert output norm, called as `norm(outputs [S, H], expert_ids [S])`, when
+    they have one (Ergo's `post_expert_norm`: an RMSNorm whose weight has one row per expert, applied
+    to each route's output before its gate); None otherwise (a shared `post_expert_norm` is the
+    decorator's `has_post_expert_norm`)."""
+    norm = getattr(experts, "post_expert_norm", None)
+    weight = getattr(norm, "weight", None)
+    first = getattr(experts, "gate_up_proj", None)
+    first = first if isinstance(first, torch.Tensor) else getattr(experts, "up_proj", None)
+    if not isinstance(norm, nn.Module) or not isinstance(weight, torch.Tensor) or not isinstance(first, torch.Tensor):
+        return None
+    return norm if weight.dim() == 2 and weight.shape[0] == first.shape[0] else None
+
+
 def router_scoring_weights(router: nn.Module, num_experts: int) -> list[torch.Tensor]:
     """The router's 2-D weights that make its logits: those with one row per routed expert, or,
     where there are none, those with the fewest rows beyond them (LongCat's identity experts, Inkling's

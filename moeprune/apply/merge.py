@@ -25,6 +25,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from moeprune.adapters import MoELayer
+from moeprune.adapters.layout import per_expert_post_norm
 from moeprune.plan import LayerPlan, PlanError
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ ROUTER_CHOICES = ("representative", "average")
 
 # ---- canonical per-expert tensors ------------------------------------------------------------
 def read_experts(layer: MoELayer) -> dict[str, torch.Tensor]:
-    """Canonical float copies: gate/up [E, I, H], down [E, H, I], gate_bias/up_bias [E, I], down_bias [E, H]."""
+    """Canonical float copies: gate/up [E, I, H], down [E, H, I], gate_bias/up_bias [E, I], down_bias [E, H],
+    post_norm [E, H] (a per-expert output norm's weight)."""
     layout, ex = layer.layout, layer.experts
     out: dict[str, torch.Tensor] = {}
     if layout.has_gate:
@@ -54,6 +56,8 @@ def read_experts(layer: MoELayer) -> dict[str, torch.Tensor]:
             out["up_bias"] = ex.up_proj_bias.detach().float().clone()
         if getattr(ex, "down_proj_bias", None) is not None:
             out["down_bias"] = ex.down_proj_bias.detach().float().clone()
+    if (norm := per_expert_post_norm(ex)) is not None:  # Ergo: averaged like the other per-expert tensors
+        out["post_norm"] = norm.weight.detach().float().clone()
     return out
 
 
@@ -75,6 +79,9 @@ def write_experts(layer: MoELayer, tensors: dict[str, torch.Tensor]) -> None:
             ex.up_proj_bias.copy_(tensors["up_bias"].to(ex.up_proj_bias.dtype))
         if "down_bias" in tensors:
             ex.down_proj_bias.copy_(tensors["down_bias"].to(ex.down_proj_bias.dtype))
+        if "post_norm" in tensors:
+            norm = per_expert_post_norm(ex)
+            norm.weight.copy_(tensors["post_norm"].to(norm.weight.dtype))
 
 
 def neuron_features(t: dict[str, torch.Tensor], j: int) -> torch.Tensor:

@@ -84,7 +84,7 @@ def _record(model: nn.Module, layer: int, entry: dict[str, Any]) -> None:
 # ---- apply ---------------------------------------------------------------------------------
 def install_novices(model: nn.Module, layer: MoELayer, lp: LayerPlan, vectors: torch.Tensor | None = None) -> None:
     """Slice `layer`'s experts to `lp.kept` and route `lp.novices` to constant vectors (router untouched)."""
-    from moeprune.apply.surgery import slice_module
+    from moeprune.apply.surgery import slice_experts
 
     e = layer.num_experts
     novices = list(lp.novices or [])
@@ -98,7 +98,7 @@ def install_novices(model: nn.Module, layer: MoELayer, lp: LayerPlan, vectors: t
         raise PlanError(f"{where}: the plan has novices but no novice vectors (novice_vectors)")
     if tuple(vectors.shape) != (len(novices), layer.layout.hidden_dim):
         raise PlanError(f"{where}: novice vectors have shape {tuple(vectors.shape)}, expected ({len(novices)}, {layer.layout.hidden_dim})")
-    slice_module(layer.experts, torch.tensor(lp.kept, dtype=torch.long), e)
+    slice_experts(layer.experts, torch.tensor(lp.kept, dtype=torch.long), e)
     _wrap(layer.experts, expert_map(e, lp.kept, novices), vectors)
     _record(model, lp.layer, {"num_experts": e, "kept": list(lp.kept), "novices": novices})
     logger.info("%s: %d experts kept, %d novices", where, len(lp.kept), len(novices))

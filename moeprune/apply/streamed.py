@@ -67,7 +67,8 @@ def _per_expert_tensors(model: nn.Module, layer: MoELayer) -> dict[str, int]:
     names = {id(m): n for n, m in model.named_modules()}
     e = layer.num_experts
     result: dict[str, int] = {}
-    modules = [(layer.experts, False), (layer.block, False)] + [(m, True) for m in layer.router.modules()]
+    modules = [(m, False) for m in layer.experts.modules()] + [(layer.block, False)] + \
+        [(m, True) for m in layer.router.modules()]
     for module, allow_dim1 in modules:
         prefix = names[id(module)]
         for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):

@@ -55,13 +55,20 @@ def slice_module(module: nn.Module, index: torch.Tensor, num_experts: int, allow
         module.out_features = new_count
 
 
+def slice_experts(experts: nn.Module, index: torch.Tensor, num_experts: int) -> None:
+    """Slice the experts module's per-expert tensors and those of its submodules (Ergo's per-expert
+    norm; discovery refuses submodules with per-expert tensors it does not know)."""
+    for module in experts.modules():
+        slice_module(module, index, num_experts)
+
+
 def slice_layer(layer: MoELayer, kept: list[int]) -> None:
     """Keep experts `kept` (in that order) in one MoE layer. Router rows after the routed experts'
     (LongCat's identity experts, Inkling's shared-expert gates: `router_extra_rows`) are all kept,
     after the kept rows; router tensors with E rows are sliced to `kept`."""
     num_experts = layer.num_experts
     index = torch.tensor(kept, dtype=torch.long)
-    slice_module(layer.experts, index, num_experts)
+    slice_experts(layer.experts, index, num_experts)
     extra = router_extra_rows(layer.router, num_experts)
     rows = torch.cat([index, torch.arange(num_experts, num_experts + extra)])
     for sub in layer.router.modules():

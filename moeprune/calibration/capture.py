@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers.integrations.moe import _grouped_linear
 
-from moeprune.adapters.layout import NOVICE_MAP_BUFFER, NOVICE_VECTOR_BUFFER, identity_experts
+from moeprune.adapters.layout import NOVICE_MAP_BUFFER, NOVICE_VECTOR_BUFFER, identity_experts, per_expert_post_norm
 from moeprune.adapters.forward_patches import patch_forward as owned_patch
 
 
@@ -60,6 +60,8 @@ def run_experts(experts: nn.Module, inputs: torch.Tensor, expert_ids: torch.Tens
     out = _grouped_linear(act, experts.down_proj, offsets, bias=down_bias, is_transposed=experts.is_transposed)
     if getattr(experts, "has_post_expert_norm", False):
         out = experts.post_expert_norm(out)
+    elif (norm := per_expert_post_norm(experts)) is not None:  # Ergo: each route's output, its expert's norm
+        out = norm(out, expert_ids)
     return act, out
 
 
