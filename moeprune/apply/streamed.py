@@ -43,8 +43,9 @@ from moeprune.apply.surgery import _prepare_layer, set_expert_count, slice_layer
 from moeprune.io.checkpoint import PLAN_FILE, RECIPE_FILE, _patch_config_json, check_output_dir, publish_directory
 from moeprune.io.output_policy import COMPLETE_MARKER, clean_stale, temp_sibling
 from moeprune.io.safetensors_io import INDEX_FILE
-from moeprune.plan import LayerPlan, Plan, PlanError
+from moeprune.plan import LayerPlan, Plan
 from moeprune.io.lazy_reader import KeyMap, LazyCheckpoint, _expert_regex, release, set_tensor
+from moeprune.io.loading import checkpoint_dtype
 from moeprune.engine.runner import decoder_layers
 from moeprune.io.lazy_load import build_skeleton
 from moeprune.io.prefetch import Prefetcher
@@ -176,7 +177,7 @@ def streamed_apply(
     out = check_output_dir(output_dir, input_dir, overwrite)
     clean_stale(out)
     ckpt = LazyCheckpoint(input_dir)  # a missing shard fails here, before anything is written
-    model = build_skeleton(input_dir, dtype=_config_dtype(input_dir))
+    model = build_skeleton(input_dir, dtype=checkpoint_dtype(input_dir))
     keymap = KeyMap(model, ckpt.keys())
     if keymap.unexpected:
         logger.warning("dropping %d checkpoint tensors the model does not load, e.g. %s", len(keymap.unexpected), keymap.unexpected[:3])
@@ -254,12 +255,6 @@ def _keys_read(keymap: KeyMap, keys: list[str], lp: LayerPlan | None, selection:
         return keys
     kept = set(lp.kept)
     return [k for k in keys if keymap.targets[k].expert_index is None or keymap.targets[k].expert_index in kept]
-
-
-def _config_dtype(path: Path) -> torch.dtype:
-    data = json.loads((path / "config.json").read_text())
-    name = data.get("dtype") or data.get("torch_dtype") or "float32"
-    return getattr(torch, name) if isinstance(getattr(torch, str(name), None), torch.dtype) else torch.float32
 
 
 def _write_metadata(tmp: Path, input_dir: Path, model: nn.Module, counts: dict[int, int], plan: Plan, recipe: dict | None) -> None:

@@ -167,9 +167,9 @@ class LayerPasses(OutputEdits):
     def __init__(self, path: Path, plan: Plan, ids: torch.Tensor, batch_size: int, device: torch.device,
                  memory_budget: int, sparsify: Any = None, kd: "LocalKD | None" = None,
                  before: list[OutputEdits] = ()) -> None:
-        from moeprune.io.loading import config_dtype
+        from moeprune.io.loading import checkpoint_dtype
 
-        self.path, self.plan, self.device, self.dtype = Path(path), plan, torch.device(device), config_dtype(path)
+        self.path, self.plan, self.device, self.dtype = Path(path), plan, torch.device(device), checkpoint_dtype(path)
         self.budget = memory_budget // 4  # inputs and outputs of the compressed and the dense chain share it
         self.batch_size, self.batches = batch_size, as_batches(ids, batch_size)
         self.job, self.kd, self.before = sparsify, kd, list(before)

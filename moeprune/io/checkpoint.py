@@ -45,13 +45,23 @@ def check_output_dir(output_dir: str | Path, input_dir: str | Path | None, overw
 
 
 def _patch_config_json(path: Path, model: nn.Module) -> None:
-    """Write every expert-count key the config knows (G8: Qwen3-MoE serialises only one)."""
+    """Write every expert-count key the config knows (G8: Qwen3-MoE serialises only one), and the
+    dtype most of the weights are in: transformers writes its first parameter's, which is float32
+    in a bfloat16 model that keeps its embeddings in float32 (Ergo), so `dtype="auto"` would reload
+    the output in float32."""
     data = json.loads(path.read_text())
     config = model.config
     for key in EXPERT_COUNT_ATTRS:
         value = getattr(config, key, None)
         if isinstance(value, int):
             data[key] = value
+    counts: dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        if param.is_floating_point():
+            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    if counts:
+        data["torch_dtype" if "torch_dtype" in data and "dtype" not in data else "dtype"] = \
+            str(max(counts, key=lambda d: (counts[d], d.itemsize))).removeprefix("torch.")
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 

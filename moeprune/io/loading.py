@@ -92,9 +92,14 @@ def looks_like_local_path(spec: str) -> bool:
     return str(parent) not in ("", ".") and parent.exists()
 
 
-def config_dtype(path: str | Path) -> torch.dtype:
-    """The dtype a checkpoint's config.json declares (`dtype` / `torch_dtype`), float32 if none."""
+def checkpoint_dtype(path: str | Path) -> torch.dtype:
+    """The checkpoint's own dtype: the one most of its floating-point weights are stored in (shard
+    headers), else what config.json declares (`dtype` / `torch_dtype`), float32 if none. The two
+    differ when a model keeps its first tensors in float32 (Ergo's embeddings and norms): the
+    config then says float32 for a bfloat16 checkpoint."""
     import json
+
+    from moeprune.io.safetensors_io import CorruptCheckpointError, stored_float_dtype
 
     file = Path(path) / "config.json"
     try:
@@ -103,6 +108,12 @@ def config_dtype(path: str | Path) -> torch.dtype:
         raise ValueError(f"{file} is not valid JSON ({err}); fix or restore the checkpoint's config") from err
     if not isinstance(data, dict):
         raise ValueError(f"{file} is not a JSON object; fix or restore the checkpoint's config")
+    try:
+        stored = stored_float_dtype(path)
+    except CorruptCheckpointError:
+        stored = None  # reported by whatever reads the shards next
+    if stored is not None:
+        return stored
     text = data.get("text_config") if isinstance(data.get("text_config"), dict) else {}
     name = data.get("dtype") or data.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype") or "float32"
     value = getattr(torch, str(name), None)
@@ -115,7 +126,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, path: str | Path | None = Non
         return dtype
     if dtype in (None, "auto"):
         if path is not None and (Path(path) / "config.json").is_file():
-            return config_dtype(path)
+            return checkpoint_dtype(path)
         return torch.float32
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
@@ -146,7 +157,7 @@ def check_local_checkpoint(path: Path) -> None:
         raise FileNotFoundError(f"{path} is not a directory; give a Hugging Face checkpoint directory")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
-    config_dtype(path)  # invalid JSON -> one line
+    checkpoint_dtype(path)  # invalid JSON -> one line
     from transformers import AutoConfig
 
     try:  # an unknown model_type with auto_map fails here, without a prompt, unless --trust-remote-code

@@ -7,6 +7,7 @@ A missing shard, an index that names a missing file, or a corrupt file raises
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -67,3 +68,23 @@ def read_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
                 except Exception as err:
                     raise CorruptCheckpointError(f"{shard}: cannot read tensor {name} ({err})") from err
     return tensors
+
+
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_float_dtype(path: str | Path) -> torch.dtype | None:
+    """The floating-point dtype most of a checkpoint's weights are stored in (by element count, from
+    the shard headers; no tensor is read), or None when it holds no float16/bfloat16/float32/float64 tensor."""
+    by_shard: dict[Path, list[str]] = {}
+    for name, shard in shard_map(path).items():
+        by_shard.setdefault(shard, []).append(name)
+    counts: dict[torch.dtype, int] = {}
+    for shard, names in sorted(by_shard.items()):
+        with _open(shard) as handle:
+            for name in names:
+                piece = handle.get_slice(name)
+                dtype = _FLOAT_DTYPES.get(piece.get_dtype())
+                if dtype is not None:
+                    counts[dtype] = counts.get(dtype, 0) + math.prod(piece.get_shape())
+    return max(counts, key=lambda d: (counts[d], d.itemsize)) if counts else None

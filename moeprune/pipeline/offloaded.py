@@ -33,14 +33,14 @@ def available_memory() -> int:
 
 def in_memory_bytes(path: str | Path, dtype: str = "auto") -> int:
     """Approximate bytes the in-memory path needs for checkpoint `path` loaded in `dtype`."""
-    from moeprune.io.loading import config_dtype, resolve_dtype
+    from moeprune.io.loading import checkpoint_dtype, resolve_dtype
     from moeprune.io.lazy_reader import LazyCheckpoint
 
     path = Path(path)
     size = LazyCheckpoint(path).total_bytes()
     if not (path / "config.json").is_file():
         return size
-    stored = config_dtype(path)
+    stored = checkpoint_dtype(path)
     target = resolve_dtype(dtype, path)
     return size * target.itemsize // stored.itemsize
 
