@@ -19,6 +19,7 @@ from torch import nn
 
 from moeprune.adapters.layout import NOVICE_MAP_BUFFER, ExpertLayout, RoutingInfo, identity_experts, routing_info
 from moeprune.adapters.shims import install_shims, per_expert_submodule, unsupported_reason
+from moeprune.adapters.versions import warn_if_untested
 
 SHARED_EXPERT_NAMES = ("shared_experts", "shared_expert", "shared_mlp")
 SHARED_GATE_NAMES = ("shared_expert_gate",)
@@ -117,6 +118,7 @@ def _layer_index(name: str, fallback: int) -> int:
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every MoE layer of `model`, in depth order. Raises NotAnMoEModelError for dense models."""
+    warn_if_untested()
     install_shims(model)
     router_cls, logits_index = _router_recorder(model)
     config = getattr(model, "config", None)
