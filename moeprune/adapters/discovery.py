@@ -127,11 +127,11 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     for name, module in model.named_modules():
         if not _is_fused_experts(module):
             continue
-        if (reason := per_expert_submodule(module)) is not None:
+        num_experts = ExpertLayout.of(module).num_experts
+        if (reason := per_expert_submodule(module, num_experts)) is not None:
             raise NotAnMoEModelError(f"{type(model).__name__}: {reason}")
         block_name = name.rsplit(".", 1)[0] if "." in name else ""
         block = model.get_submodule(block_name) if block_name else model
-        num_experts = ExpertLayout.of(module).num_experts
         router_name, router = _find_router(block, num_experts, router_cls)
         shared = [getattr(block, n) for n in SHARED_EXPERT_NAMES if isinstance(getattr(block, n, None), nn.Module)]
         layers.append(

@@ -41,11 +41,16 @@ def per_expert_post_norm(experts: nn.Module) -> nn.Module | None:
     decorator's `has_post_expert_norm`)."""
     norm = getattr(experts, "post_expert_norm", None)
     weight = getattr(norm, "weight", None)
-    first = getattr(experts, "gate_up_proj", None)
-    first = first if isinstance(first, torch.Tensor) else getattr(experts, "up_proj", None)
-    if not isinstance(norm, nn.Module) or not isinstance(weight, torch.Tensor) or not isinstance(first, torch.Tensor):
+    if not isinstance(norm, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return None
-    return norm if weight.dim() == 2 and weight.shape[0] == first.shape[0] else None
+    return norm if weight.shape[0] == ExpertLayout.of(experts).num_experts else None
+
+
+def expert_modules(experts: nn.Module) -> list[nn.Module]:
+    """The modules whose per-expert tensors pruning slices: the experts module, and its per-expert
+    output norm where it has one (discovery refuses other submodules with per-expert tensors)."""
+    norm = per_expert_post_norm(experts)
+    return [experts] if norm is None else [experts, norm]
 
 
 def router_scoring_weights(router: nn.Module, num_experts: int) -> list[torch.Tensor]:

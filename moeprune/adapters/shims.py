@@ -327,22 +327,18 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-def per_expert_submodule(experts: nn.Module) -> str | None:
+def per_expert_submodule(experts: nn.Module, num_experts: int) -> str | None:
     """Why an experts module cannot be pruned when a submodule of it holds per-expert parameters that
     moeprune does not know how to use (calibration would compute the experts without them); Ergo's
     per-expert post norm (`layout.per_expert_post_norm`) is known."""
     from moeprune.adapters.layout import per_expert_post_norm
 
-    own = experts._parameters.get("gate_up_proj") if "gate_up_proj" in experts._parameters else \
-        experts._parameters.get("up_proj")
-    if own is None or own.dim() != 3:
-        return None
     known = per_expert_post_norm(experts)  # sliced with the experts, applied by calibration
     for child_name, child in experts.named_children():
         if child is known:
             continue
         for name, param in child.named_parameters():
-            if param.dim() >= 2 and param.shape[0] == own.shape[0]:
+            if param.dim() >= 2 and param.shape[0] == num_experts:
                 return (f"{type(experts).__name__} holds per-expert parameters in a submodule "
                         f"({child_name}.{name} {list(param.shape)}, {type(child).__name__}) that moeprune does not "
                         "prune yet")

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.adapters import MoELayer, find_moe_layers
-from moeprune.adapters.layout import router_extra_rows
+from moeprune.adapters.layout import expert_modules, router_extra_rows
 from moeprune.adapters.shims import expert_count_shared
 from moeprune.apply.surgery import _prepare_layer, set_expert_count, slice_layer
 from moeprune.io.checkpoint import PLAN_FILE, RECIPE_FILE, _patch_config_json, check_output_dir, publish_directory
@@ -68,7 +68,7 @@ def _per_expert_tensors(model: nn.Module, layer: MoELayer) -> dict[str, int]:
     names = {id(m): n for n, m in model.named_modules()}
     e = layer.num_experts
     result: dict[str, int] = {}
-    modules = [(m, False) for m in layer.experts.modules()] + [(layer.block, False)] + \
+    modules = [(m, False) for m in expert_modules(layer.experts)] + [(layer.block, False)] + \
         [(m, True) for m in layer.router.modules()]
     for module, allow_dim1 in modules:
         prefix = names[id(module)]

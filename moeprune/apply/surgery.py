@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from moeprune.adapters import MoELayer, find_moe_layers
-from moeprune.adapters.layout import EXPERT_COUNT_ATTRS, router_extra_rows
+from moeprune.adapters.layout import EXPERT_COUNT_ATTRS, expert_modules, router_extra_rows
 from moeprune.adapters.shims import expert_count_shared
 from moeprune.plan import LayerPlan, Plan, PlanError
 
@@ -56,9 +56,9 @@ def slice_module(module: nn.Module, index: torch.Tensor, num_experts: int, allow
 
 
 def slice_experts(experts: nn.Module, index: torch.Tensor, num_experts: int) -> None:
-    """Slice the experts module's per-expert tensors and those of its submodules (Ergo's per-expert
-    norm; discovery refuses submodules with per-expert tensors it does not know)."""
-    for module in experts.modules():
+    """Slice the per-expert tensors of the experts module and of its per-expert output norm
+    (`adapters.layout.expert_modules`: Ergo's)."""
+    for module in expert_modules(experts):
         slice_module(module, index, num_experts)
 
 

@@ -22,6 +22,7 @@ import yaml
 from torch import nn
 
 from moeprune.adapters.layout import EXPERT_COUNT_ATTRS
+from moeprune.io.safetensors_io import dominant_dtype
 from moeprune.io.output_policy import (  # noqa: F401  (re-exported: OutputPathError, publish_directory)
     COMPLETE_MARKER,
     OutputPathError,
@@ -59,9 +60,9 @@ def _patch_config_json(path: Path, model: nn.Module) -> None:
     for param in model.parameters():
         if param.is_floating_point():
             counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
-    if counts:
+    if (dominant := dominant_dtype(counts)) is not None:
         data["torch_dtype" if "torch_dtype" in data and "dtype" not in data else "dtype"] = \
-            str(max(counts, key=lambda d: (counts[d], d.itemsize))).removeprefix("torch.")
+            str(dominant).removeprefix("torch.")
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 

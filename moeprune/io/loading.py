@@ -92,14 +92,9 @@ def looks_like_local_path(spec: str) -> bool:
     return str(parent) not in ("", ".") and parent.exists()
 
 
-def checkpoint_dtype(path: str | Path) -> torch.dtype:
-    """The checkpoint's own dtype: the one most of its floating-point weights are stored in (shard
-    headers), else what config.json declares (`dtype` / `torch_dtype`), float32 if none. The two
-    differ when a model keeps its first tensors in float32 (Ergo's embeddings and norms): the
-    config then says float32 for a bfloat16 checkpoint."""
+def _config_json(path: str | Path) -> dict:
+    """A checkpoint's config.json as a dict, with one-line errors for invalid JSON."""
     import json
-
-    from moeprune.io.safetensors_io import CorruptCheckpointError, stored_float_dtype
 
     file = Path(path) / "config.json"
     try:
@@ -108,6 +103,17 @@ def checkpoint_dtype(path: str | Path) -> torch.dtype:
         raise ValueError(f"{file} is not valid JSON ({err}); fix or restore the checkpoint's config") from err
     if not isinstance(data, dict):
         raise ValueError(f"{file} is not a JSON object; fix or restore the checkpoint's config")
+    return data
+
+
+def checkpoint_dtype(path: str | Path) -> torch.dtype:
+    """The checkpoint's own dtype: the one most of its floating-point weights are stored in (shard
+    headers), else what config.json declares (`dtype` / `torch_dtype`), float32 if none. The two
+    differ when a model keeps its first tensors in float32 (Ergo's embeddings and norms): the
+    config then says float32 for a bfloat16 checkpoint."""
+    from moeprune.io.safetensors_io import CorruptCheckpointError, stored_float_dtype
+
+    data = _config_json(path)
     try:
         stored = stored_float_dtype(path)
     except CorruptCheckpointError:
@@ -157,7 +163,7 @@ def check_local_checkpoint(path: Path) -> None:
         raise FileNotFoundError(f"{path} is not a directory; give a Hugging Face checkpoint directory")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
-    checkpoint_dtype(path)  # invalid JSON -> one line
+    _config_json(path)  # invalid JSON -> one line
     from transformers import AutoConfig
 
     try:  # an unknown model_type with auto_map fails here, without a prompt, unless --trust-remote-code

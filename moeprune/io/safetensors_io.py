@@ -54,13 +54,18 @@ def _open(file: Path):
         raise CorruptCheckpointError(f"{file}: corrupt or truncated safetensors file ({err})") from err
 
 
-def read_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory, read shard by shard."""
+def _names_by_shard(path: str | Path) -> list[tuple[Path, list[str]]]:
+    """(shard file, its tensor names) of a checkpoint directory, shards in file order."""
     by_shard: dict[Path, list[str]] = {}
     for name, shard in shard_map(path).items():
         by_shard.setdefault(shard, []).append(name)
+    return sorted(by_shard.items())
+
+
+def read_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, read shard by shard."""
     tensors: dict[str, torch.Tensor] = {}
-    for shard, names in sorted(by_shard.items()):
+    for shard, names in _names_by_shard(path):
         with _open(shard) as handle:
             for name in names:
                 try:
@@ -76,15 +81,17 @@ _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloa
 def stored_float_dtype(path: str | Path) -> torch.dtype | None:
     """The floating-point dtype most of a checkpoint's weights are stored in (by element count, from
     the shard headers; no tensor is read), or None when it holds no float16/bfloat16/float32/float64 tensor."""
-    by_shard: dict[Path, list[str]] = {}
-    for name, shard in shard_map(path).items():
-        by_shard.setdefault(shard, []).append(name)
     counts: dict[torch.dtype, int] = {}
-    for shard, names in sorted(by_shard.items()):
+    for shard, names in _names_by_shard(path):
         with _open(shard) as handle:
             for name in names:
                 piece = handle.get_slice(name)
                 dtype = _FLOAT_DTYPES.get(piece.get_dtype())
                 if dtype is not None:
                     counts[dtype] = counts.get(dtype, 0) + math.prod(piece.get_shape())
+    return dominant_dtype(counts)
+
+
+def dominant_dtype(counts: dict[torch.dtype, int]) -> torch.dtype | None:
+    """The dtype with the most elements in `counts` ({dtype: element count}; ties: the wider one)."""
     return max(counts, key=lambda d: (counts[d], d.itemsize)) if counts else None

@@ -90,7 +90,7 @@ def run_kd_choice(model: nn.Module, choice: KDChoice, progress: bool = True) -> 
         trained.append((kl, {name: p.detach().clone() for name, p in router_parameters(candidate).items()}, report))
         del candidate
     assert trained  # at least one candidate (RouterKDConfig.sample_choices)
-    best = min(range(len(trained)), key=lambda i: (trained[i][0], i))
+    best = min(range(len(trained)), key=lambda i: trained[i][0])  # ties: the earlier candidate
     kl, routers, report = trained[best]
     selected: dict[str, Any] = {"samples": report["sequences"], "kl": kl}
     if choice.average:
