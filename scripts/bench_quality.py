@@ -39,7 +39,7 @@ from moeprune.calibration.data import calibration_ids  # noqa: E402
 from moeprune.calibration.observer import calibrate  # noqa: E402
 from moeprune.evaluation.agreement import kl_and_agreement  # noqa: E402
 from moeprune.evaluation.mc_score import score_items  # noqa: E402
-from moeprune.evaluation.mc_tasks import TASKS, load_task  # noqa: E402
+from moeprune.evaluation.mc_tasks import TASKS, generate_task, load_task  # noqa: E402
 from moeprune.evaluation.perplexity import _logits, encode_texts, iter_windows, perplexity_from_ids  # noqa: E402
 from moeprune.io.loading import load_model  # noqa: E402
 from moeprune.strategies import available_strategies, get_strategy, plan  # noqa: E402
@@ -58,14 +58,18 @@ RANK_METRIC = "3p code ppl"
 class Reference:
     """Held-out token streams, the dense model's cached log-probabilities and task items."""
 
-    def __init__(self, dense, tok, eval_tokens: int, agree_tokens: int, task_items: int, seq_len: int) -> None:
+    def __init__(self, dense, tok, eval_tokens: int, agree_tokens: int, task_items: int, seq_len: int,
+                 task_budget: int = 0) -> None:
         self.seq_len = seq_len
         self.data = {name: encode_texts(tok, builtin_documents(d, "heldout"), eval_tokens) for name, d in SETS.items()}
         self.agree = torch.cat([ids[:agree_tokens] for ids in self.data.values()])
         with torch.no_grad():
             self.ref_logp = [torch.log_softmax(_logits(dense, b)[:, :-1], -1)
                              for b in iter_windows(self.agree, seq_len, 8)]
-        self.items = {name: load_task(name)[:task_items] for name in TASKS} if task_items else {}
+        # the shipped task files, or (task_budget > 0) items generated here from that many characters
+        # of each task's held-out third-party text: more items, from the installed packages' text
+        self.items = {name: (generate_task(name, n_items=task_items, budget_chars=task_budget) if task_budget
+                             else load_task(name)[:task_items]) for name in TASKS} if task_items else {}
         self.tok = tok
 
     def measure(self, model, tasks: bool = True) -> dict[str, float]:
@@ -77,8 +81,15 @@ class Reference:
                 kl, agree, n = kl + k, agree + a, n + p
         row.update({"top-1 agree": agree / n, "KL": max(0.0, kl / n)})
         for name, items in (self.items.items() if tasks else ()):
-            row[f"{name.removeprefix('moeprune_')} acc"] = score_items(model, self.tok, items)["acc_mutual_info"]
+            scored = score_items(model, self.tok, items)
+            row[f"{name.removeprefix('moeprune_')} acc"] = scored["acc_mutual_info"]
+            row[f"{name.removeprefix('moeprune_')} hits"] = "".join(map(str, scored["acc_mutual_info_hits"]))
         return row
+
+
+def printable(row: dict[str, Any]) -> dict[str, Any]:
+    """A row for the log: floats rounded, per-item task outcomes left out (they are in --json)."""
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if not k.endswith(" hits")}
 
 
 def strategies(names: list[str] | None) -> list[str]:
@@ -91,7 +102,7 @@ def run_model(spec: str, args, out: list[dict[str, Any]], dump) -> None:
     dense.eval()
     cfg = dense.config
     n_exp, top_k = cfg.num_experts, cfg.num_experts_per_tok
-    ref = Reference(dense, tok, args.eval_tokens, args.agree_tokens, args.task_items, args.seq_len)
+    ref = Reference(dense, tok, args.eval_tokens, args.agree_tokens, args.task_items, args.seq_len, args.task_budget)
     base = {"model": spec, "experts": n_exp, "top_k": top_k}
     t0 = time.time()
     if (spec, "dense", 0.0, None, 0) not in args.done:
@@ -128,7 +139,7 @@ def run_model(spec: str, args, out: list[dict[str, Any]], dump) -> None:
                 row["seconds"] = time.time() - t0
                 out.append(row)
                 dump(out)
-                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+                print(json.dumps(printable(row)), flush=True)
                 del model
             del stats
         if args.recipes:
@@ -174,7 +185,7 @@ def run_recipes(spec, dense, tok, seed, ref, base, args, out, dump) -> None:
         row["seconds"] = time.time() - t0
         out.append(row)
         dump(out)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        print(json.dumps(printable(row)), flush=True)
 
 
 def metrics(rows: list[dict[str, Any]]) -> list[str]:
@@ -311,6 +322,9 @@ def main() -> None:
     ap.add_argument("--agree-tokens", type=int, default=1024,
                     help="tokens per held-out set for agreement/KL (dense log-probs cached in float32: 32 KB per token)")
     ap.add_argument("--task-items", type=int, default=500, help="items per task (0: no tasks)")
+    ap.add_argument("--task-budget", type=int, default=0,
+                    help="characters of held-out third-party text to generate the task items from (0: the "
+                         "shipped 500-item files; 200000 yields ~880 / ~700 items, more text more items)")
     ap.add_argument("--task-ratios", nargs="*", type=float, default=[0.5],
                     help="ratios at which pruned models are scored on the tasks (dense always is)")
     ap.add_argument("--no-recipes", dest="recipes", action="store_false")

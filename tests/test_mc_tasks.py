@@ -62,6 +62,19 @@ def test_shipped_tasks_size_chance_and_not_training_text(tmp_path) -> None:
     assert "target_delimiter: \"\"" in path.with_suffix(".yaml").read_text()
 
 
+def test_more_held_out_text_gives_more_items() -> None:
+    from moeprune.calibration.third_party_corpus import BUDGET_CHARS, _select
+
+    name = "moeprune_prose_continuation"
+    with pytest.raises(ValueError, match="only"):  # the default text yields about 700 prose items
+        mc_tasks.generate_task(name, n_items=900)
+    items = mc_tasks.generate_task(name, n_items=900, budget_chars=BUDGET_CHARS["heldout"] + 60_000)
+    default_docs = {key for key, _ in _select(mc_tasks.TASKS[name], "heldout")}
+    assert len(items) == 900 and {it["source"] for it in items} - default_docs  # new documents' items
+    with pytest.raises(ValueError, match="budget_chars"):
+        mc_tasks.generate_task(name, docs=["x"], budget_chars=10)
+
+
 def test_accuracy_by_hand() -> None:
     items = [{"context": "a", "choices": [" x", " yyyy"], "label": 1},
              {"context": "b", "choices": [" x", " y"], "label": 0}]
@@ -70,6 +83,7 @@ def test_accuracy_by_hand() -> None:
     out = accuracy(items, lls, uncond)
     assert out["acc"] == 0.5 and out["acc_norm"] == 1.0 and out["acc_mutual_info"] == 1.0
     assert out["acc_stderr"] == pytest.approx(math.sqrt(0.5 / 2)) and out["chance"] == 0.5
+    assert out["acc_hits"] == [0, 1] and out["acc_norm_hits"] == [1, 1] and out["acc_mutual_info_hits"] == [1, 1]
 
 
 def test_encode_pair_follows_lm_eval() -> None:

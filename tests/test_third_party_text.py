@@ -47,6 +47,15 @@ def test_deterministic_and_fresh_lists() -> None:
     assert tp._select.__wrapped__("third-party-prose", "heldout") == tp._select("third-party-prose", "heldout")
 
 
+def test_a_larger_budget_extends_the_same_selection() -> None:
+    """Task items from more text (bench_quality --task-budget) keep the default documents first."""
+    default = tp._select("third-party-prose", "heldout")
+    larger = tp._select("third-party-prose", "heldout", tp.BUDGET_CHARS["heldout"] + 20_000)
+    assert larger[: len(default)] == default and len(larger) > len(default)
+    assert tp.BUDGET_CHARS["heldout"] + 20_000 <= sum(len(t) for _, t in larger)
+    assert all(tp.role_and_split(k)[1] == "heldout" for k, _ in larger)
+
+
 def test_role_and_split_by_hand() -> None:
     key = "transformers/utils/loading_report.py"
     h = int(hashlib.md5(key.encode()).hexdigest(), 16)

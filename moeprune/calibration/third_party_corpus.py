@@ -135,10 +135,12 @@ def _stdlib_texts() -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def _select(domain: str, split: str) -> tuple[tuple[str, str], ...]:
-    """((key, text), ...) for one domain and split, filled round-robin over the packages."""
+def _select(domain: str, split: str, budget: int | None = None) -> tuple[tuple[str, str], ...]:
+    """((key, text), ...) for one domain and split, filled round-robin over the packages up to
+    ``budget`` characters (default ``BUDGET_CHARS[split]``); a larger budget selects a superset
+    that starts with the smaller one's documents, in the same order."""
     role = domain.removeprefix("third-party-")
-    budget = BUDGET_CHARS[split]
+    budget = BUDGET_CHARS[split] if budget is None else budget
     stdlib = _stdlib_texts()
     queues = {name: iter(_candidates(name, role, split)) for name in PACKAGES}
     chosen: list[tuple[str, str]] = []

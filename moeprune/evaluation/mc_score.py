@@ -148,32 +148,34 @@ def _mean_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def _hits(items: list[dict[str, Any]], scores: list[list[float]]) -> list[int]:
+    """1 where the highest-scoring choice is the label, else 0 (the first of equal scores wins)."""
+    return [int(max(range(len(row)), key=lambda j: row[j]) == item["label"]) for item, row in zip(items, scores)]
+
+
 def accuracy(items: list[dict[str, Any]], lls: list[list[float]],
-             unconditional: list[list[float]] | None = None) -> dict[str, float]:
+             unconditional: list[list[float]] | None = None) -> dict[str, Any]:
     """acc, acc_norm (per character of the choice) and, given the choices' log-likelihoods after
     an empty context, acc_mutual_info (log p(choice | context) - log p(choice)), with standard
-    errors, n and chance level."""
+    errors, n, chance level and each item's 0/1 outcome per metric (``<metric>_hits``, for paired
+    comparisons of two models on the same items)."""
     if not items:
         raise ValueError("no items to score")
-    hits: dict[str, list[float]] = {"acc": [], "acc_norm": [], "acc_mutual_info": []}
-    chance = []
-    for k, (item, ll) in enumerate(zip(items, lls)):
-        scores = {"acc": ll, "acc_norm": [v / max(1, len(c)) for v, c in zip(ll, item["choices"])]}
-        if unconditional is not None:
-            scores["acc_mutual_info"] = [a - b for a, b in zip(ll, unconditional[k])]
-        for metric, values in scores.items():
-            best = max(range(len(values)), key=lambda j: values[j])
-            hits[metric].append(float(best == item["label"]))
-        chance.append(1.0 / len(item["choices"]))
-    out: dict[str, float] = {}
-    for metric, values in hits.items():
-        if values:
-            out[metric], out[f"{metric}_stderr"] = _mean_stderr(values)
+    scores = {"acc": lls, "acc_norm": [[v / max(1, len(c)) for v, c in zip(ll, item["choices"])]
+                                       for item, ll in zip(items, lls)]}
+    if unconditional is not None:
+        scores["acc_mutual_info"] = [[a - b for a, b in zip(ll, u)] for ll, u in zip(lls, unconditional)]
+    out: dict[str, Any] = {}
+    for metric, values in scores.items():
+        hits = _hits(items, values)
+        out[metric], out[f"{metric}_stderr"] = _mean_stderr([float(h) for h in hits])
+        out[f"{metric}_hits"] = hits
+    chance = [1.0 / len(item["choices"]) for item in items]
     return {**out, "n": len(items), "chance": sum(chance) / len(chance)}
 
 
 def score_items(model: nn.Module, tokenizer: Any, items: list[dict[str, Any]], mutual_info: bool = True,
-                progress: bool = False) -> dict[str, float]:
+                progress: bool = False) -> dict[str, Any]:
     """Score multiple-choice items natively (see module docstring); ``mutual_info`` adds the
     unconditional pass that ``acc_mutual_info`` needs (lm-eval's metric of the same name)."""
     lls = choice_loglikelihoods(model, tokenizer, items, progress=progress)

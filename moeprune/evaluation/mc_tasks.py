@@ -173,18 +173,22 @@ _GENERATORS = {"moeprune_next_line": (next_line_items, _code_pool),
 
 
 def generate_task(name: str, docs: list[str] | None = None, n_items: int = N_ITEMS, seed: int = 0,
-                  keys: list[str] | None = None) -> list[dict[str, Any]]:
-    """``n_items`` items of task ``name`` from ``docs`` (default: its held-out third-party domain).
+                  keys: list[str] | None = None, budget_chars: int | None = None) -> list[dict[str, Any]]:
+    """``n_items`` items of task ``name`` from ``docs`` (default: its held-out third-party domain,
+    ``budget_chars`` characters of it; default the held-out set's own budget, which yields about
+    880 next-line and 700 prose items: a larger budget adds documents nobody trained on either).
 
     Items are drawn round-robin over documents (their order within a document is shuffled by the
     seeded generator), so every document contributes before any contributes twice.
     """
     if name not in _GENERATORS:
         raise ValueError(f"unknown task {name!r}; expected one of {sorted(_GENERATORS)}")
+    if docs is not None and budget_chars is not None:
+        raise ValueError("budget_chars selects the default documents; it cannot be combined with docs")
     if docs is None:
         from moeprune.calibration.third_party_corpus import _select
 
-        selected = _select(TASKS[name], "heldout")
+        selected = _select(TASKS[name], "heldout", budget_chars)
         keys, docs = [k for k, _ in selected], [t for _, t in selected]
     keys = keys or [f"doc{i}" for i in range(len(docs))]
     rng = _rng(name, seed)
