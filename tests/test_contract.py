@@ -22,7 +22,7 @@ from moeprune.io.checkpoint import load_pruned, save_pruned
 from moeprune.io.loading import load_model
 from moeprune.io.safetensors_io import read_checkpoint_tensors
 from moeprune.plan import Plan, PlanError
-from moeprune.strategies import available_strategies, get_strategy, plan as make_plan
+from moeprune.strategies import get_strategy, plan as make_plan
 from moeprune.calibration.streamed import streamed_calibrate
 from moeprune.apply.streamed import streamed_apply
 from moeprune.testing.checks import safetensors_bytes

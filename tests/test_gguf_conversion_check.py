@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from script_loader import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("check_gguf_conversion", ROOT / "scripts" / "check_gguf_conversion.py")
-check = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(check)  # type: ignore[union-attr]
+check = load_script("check_gguf_conversion")
 
 FAKE_BASE = '''
 class TextModel:
